@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make run` (the pipeline on built-in MNIST) and `make test`.
+# Both create .venv with the pinned dependencies first (once; re-done when pyproject or constraints change).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# No telemetry from any tool, in the pipeline or the tests.
+export DVC_NO_ANALYTICS := 1
+export BENTOML_DO_NOT_TRACK := True
+export GX_ANALYTICS_ENABLED := False
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

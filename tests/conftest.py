@@ -1,0 +1,90 @@
+"""Shared fixtures. The slow ones build a real DVC project in a temporary git repository and run the real
+pipeline on scikit-learn's 8x8 digits with tiny params, once per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+for key, value in {"DVC_NO_ANALYTICS": "1", "BENTOML_DO_NOT_TRACK": "True", "GX_ANALYTICS_ENABLED": "False",
+                   "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(key, value)
+# Stage commands (`tgm ...`) and `dvc` must come from the interpreter running the tests.
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Small enough to run the whole pipeline in well under a minute on 2 CPU cores.
+TINY_PARAMS = {
+    "ingest": {"source": "builtin:digits"},
+    "prepare": {"image_size": 8, "palette_size": 8},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+    "pretrain": {"epochs": 2, "batch_size": 64, "lr": 0.003},
+    "finetune": {"epochs": 3, "batch_size": 64, "lr": 0.003},
+    "evaluate": {"completion_images": 2, "completion_samples": 2},
+    "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0},
+}
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "bentofile.yaml", "pyproject.toml", "tgm", "flows", "data/sources"]
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for group, values in overrides.items():
+        out.setdefault(group, {}).update(values)
+    return out
+
+
+def make_project(dest: Path, overrides: dict) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline, with params overridden."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in PROJECT_FILES:
+        src = ROOT / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides), sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@t-gm.invalid"], dest)
+    run(["git", "config", "user.name", "T-GM tests"], dest)
+    run(["dvc", "init", "-q"], dest)
+    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "project"], dest)
+    return dest
+
+
+def commit_all(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "--allow-empty", "-m", message], project)
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("bentoml_home")
+    os.environ["BENTOML_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def digits_project(tmp_path_factory, bentoml_home) -> Path:
+    """The whole pipeline reproduced once on builtin:digits; every test that uses it leaves it up to date."""
+    project = make_project(tmp_path_factory.mktemp("digits") / "project", TINY_PARAMS)
+    run(["dvc", "repro"], project, timeout=900)
+    commit_all(project, "first run")
+    return project

@@ -1,0 +1,3 @@
+from tgm.cli import main
+import sys
+sys.exit(main())

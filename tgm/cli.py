@@ -1,0 +1,98 @@
+"""`tgm <stage>`: the command line that every DVC stage runs. Each command reads its group of params.yaml."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+STAGES = {
+    "ingest": """Copy the source named by ingest.source into data/raw/ and list every file in
+        data/raw/manifest.csv (path, label, sha256, size, format, width, height, mode).
+        Sources: builtin:mnist5k, builtin:digits, folder:PATH (one sub-folder per class).""",
+    "validate": """Decode every ingested file; write data/validated/manifest.csv (accepted images),
+        data/validated/quarantine.csv (one reason per rejected file) and reports/validation.json.
+        Fails when too many files are rejected (validate.max_reject_fraction) or a class is too small.""",
+    "prepare": """Resize and quantise the accepted images to a palette (grey levels or k-means colours),
+        split them train/val/test (stratified, no image in two splits) and write token arrays,
+        the palette and meta.json to data/prepared/.""",
+    "pretrain": """Train the transformer to predict the next pixel on the training images (labels unused).
+        Writes models/pretrained/ (safetensors + config), metrics/pretrain.json, plots/pretrain_curve.csv.""",
+    "finetune": """Fine-tune the pretrained model as a classifier: average-pooled features -> linear head,
+        loss = class cross-entropy + finetune.lambda_gen * next-pixel loss, early stopping on validation.
+        Writes models/classifier/, metrics/finetune.json, plots/finetune_curve.csv.""",
+    "evaluate": """Score the classifier on the test split: metrics/evaluate.json (accuracy, macro-F1,
+        per-class recall, test bits per pixel, an RBF-SVM reference), plots/confusion.csv and
+        plots/completions.png (top halves given, bottom halves sampled by the pretrained model).""",
+    "gate": """Check the evaluation metrics against the gate.* thresholds; write reports/gate.json and exit
+        non-zero naming each failed check, so that package does not run.""",
+    "package": """Save the gated classifier to the BentoML model store (package.model_name) with its
+        metrics, params, git commit and data hash as metadata, build a Bento from bentofile.yaml and
+        write reports/package.json.""",
+}
+
+
+def run_stage(stage: str, params_path: str) -> None:
+    from tgm.params import load_params
+
+    p = load_params(params_path)
+    if stage == "ingest":
+        from tgm.ingest import ingest
+        ingest(p.ingest)
+    elif stage == "validate":
+        from tgm.validate import validate
+        validate(p.validate)
+    elif stage == "prepare":
+        from tgm.prepare import prepare
+        prepare(p.prepare)
+    elif stage == "pretrain":
+        from tgm.train import pretrain
+        pretrain(p.model, p.pretrain)
+    elif stage == "finetune":
+        from tgm.train import finetune
+        finetune(p.finetune)
+    elif stage == "evaluate":
+        from tgm.evaluate import evaluate
+        evaluate(p.evaluate)
+    elif stage == "gate":
+        from tgm.gate import gate
+        gate(p.gate)
+    elif stage == "package":
+        from tgm.package import package
+        package(p, params_path=params_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tgm", description="T-GM pipeline stages (each is one DVC stage).")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, text in STAGES.items():
+        doc = textwrap.dedent("        " + text).strip()
+        sp = sub.add_parser(name, help=doc.split(".")[0], description=doc)
+        sp.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+        sp.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("PIL", "matplotlib", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tgm.gate import GateFailed
+    from tgm.params import ParamsError
+    from tgm.schemas import DataContractError
+    from tgm.validate import DataUnusableError
+
+    try:
+        run_stage(args.stage, args.params)
+    except (ParamsError, DataContractError, DataUnusableError, GateFailed, FileNotFoundError) as exc:
+        print(f"tgm {args.stage}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ParamsError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

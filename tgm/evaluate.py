@@ -1,0 +1,121 @@
+"""evaluate: score the classifier on the held-out test split and draw what the generative model learned."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tgm.inference import predict_proba
+from tgm.io import read_json, write_json
+from tgm.model import TGM, load_model
+from tgm.params import EvaluateParams
+from tgm.prepare import load_split
+from tgm.preprocess import PreprocessSpec, tokens_to_image
+from tgm.train import LN2, evaluate_split, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def svm_reference(prepared_dir: Path, spec: PreprocessSpec) -> float:
+    """Test accuracy of an RBF SVM on the same split and the same quantised pixels the transformer sees."""
+    from sklearn.svm import SVC
+
+    def features(split):
+        tokens, labels = load_split(prepared_dir, split)
+        return spec.palette[tokens].reshape(len(tokens), -1) / 255.0, labels
+
+    (xa, ya), (xb, yb), (xt, yt) = features("train"), features("val"), features("test")
+    svm = SVC(kernel="rbf").fit(np.concatenate([xa, xb]), np.concatenate([ya, yb]))
+    return float((svm.predict(xt) == yt).mean())
+
+
+def completion_grid(model: TGM, spec: PreprocessSpec, tokens: np.ndarray, labels: np.ndarray,
+                    classes: list[str], params: EvaluateParams, path: Path) -> None:
+    """PNG grid: per row a test image, its top half, then samples that complete the bottom half."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # One image per class first, so the grid shows variety rather than the first class only.
+    picks, seen = [], set()
+    for i, y in enumerate(labels):
+        if y not in seen:
+            picks.append(i)
+            seen.add(y)
+    picks = (picks + [i for i in range(len(labels)) if i not in picks])[:params.completion_images]
+    keep = spec.seq_len // 2 // spec.image_size * spec.image_size  # whole rows: the top half
+    n, k = len(picks), params.completion_samples
+    prefix = torch.from_numpy(np.repeat(tokens[picks, :keep], k, axis=0))
+    gen = torch.Generator().manual_seed(params.seed)
+    model.eval()
+    samples = model.complete(prefix, gen, temperature=params.temperature, top_k=params.top_k).numpy()
+
+    fig, axes = plt.subplots(n, k + 2, figsize=(1.1 * (k + 2), 1.15 * n), squeeze=False)
+    cmap = "gray" if spec.color_mode == "grey" else None
+    for r, idx in enumerate(picks):
+        given = tokens[idx].copy()
+        shown = [tokens_to_image(tokens[idx], spec)]
+        masked = tokens_to_image(given, spec).copy()
+        masked[keep // spec.image_size:] = 128
+        shown.append(masked)
+        shown += [tokens_to_image(samples[r * k + j], spec) for j in range(k)]
+        for c, img in enumerate(shown):
+            ax = axes[r, c]
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap=cmap, vmin=0, vmax=255,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(["original", "given"][c] if c < 2 else f"sample {c - 1}", fontsize=7)
+        axes[r, 0].set_ylabel(classes[labels[idx]], fontsize=7)
+    fig.suptitle("Completions by the pretrained model (bottom halves sampled)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(params: EvaluateParams, prepared_dir: str | Path = "data/prepared",
+             classifier_dir: str | Path = "models/classifier", pretrained_dir: str | Path = "models/pretrained",
+             metrics_path: str | Path = "metrics/evaluate.json", confusion_path: str | Path = "plots/confusion.csv",
+             completions_path: str | Path = "plots/completions.png") -> dict:
+    from sklearn.metrics import f1_score, recall_score
+
+    seed_everything(params.seed)
+    prepared_dir = Path(prepared_dir)
+    classes = read_json(prepared_dir / "meta.json")["classes"]
+    spec = PreprocessSpec.load(prepared_dir)
+    tokens, labels = load_split(prepared_dir, "test")
+    if len(tokens) == 0:
+        raise ValueError("evaluate: the test split is empty; raise prepare.test_fraction or add images")
+    classifier = load_model(classifier_dir)
+    pretrained = load_model(pretrained_dir)
+
+    pred = predict_proba(classifier, tokens).argmax(1)
+    recall = recall_score(labels, pred, labels=range(len(classes)), average=None, zero_division=0)
+    metrics = {
+        "accuracy": round(float((pred == labels).mean()), 6),
+        "macro_f1": round(float(f1_score(labels, pred, labels=range(len(classes)), average="macro",
+                                         zero_division=0)), 6),
+        "test_bpp": round(evaluate_split(pretrained, tokens, None, "generative", 0.0, 256,
+                                         torch.device("cpu"))["gen_loss"] / LN2, 6),
+        "classifier_test_bpp": round(evaluate_split(classifier, tokens, labels, "classify", 0.0, 256,
+                                                    torch.device("cpu"))["bpp"], 6),
+        "per_class_recall": {c: round(float(r), 6) for c, r in zip(classes, recall)},
+        "test_images": int(len(labels)),
+    }
+    if params.svm_reference:
+        metrics["reference"] = {"svm_rbf_accuracy": round(svm_reference(prepared_dir, spec), 6)}
+
+    Path(confusion_path).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": [classes[i] for i in labels],
+                  "predicted": [classes[i] for i in pred]}).to_csv(confusion_path, index=False)
+    completion_grid(pretrained, spec, tokens, labels, classes, params, Path(completions_path))
+    write_json(metrics_path, metrics)
+    log.info("evaluate: accuracy %.4f, macro-F1 %.4f, test %.3f bits/pixel%s", metrics["accuracy"],
+             metrics["macro_f1"], metrics["test_bpp"],
+             f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else "")
+    return metrics

@@ -1,0 +1,189 @@
+"""The T-GM model in one file: an iGPT-style decoder-only transformer over palette tokens.
+
+An image of S*S pixels is a sequence of T = S*S palette indices in raster order. The input is a start token
+followed by the first T-1 pixels; the model predicts every pixel from the ones before it. For
+classification, iGPT average-pools the final-layer features over the sequence and adds a linear head.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TGMConfig:
+    palette_size: int  # number of pixel tokens; the start token gets index palette_size
+    seq_len: int  # pixels per image (image_size ** 2)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    n_classes: int = 0  # 0: no classification head (pretraining)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TGMConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # SDPA picks the fused / flash kernel available on the device.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TGMConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: TGMConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TGM(nn.Module):
+    def __init__(self, cfg: TGMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.palette_size + 1, cfg.n_embd)  # +1: the start token
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.seq_len, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.palette_size, bias=False)
+        self.cls_head = nn.Linear(cfg.n_embd, cfg.n_classes) if cfg.n_classes else None
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        # GPT-2: scale the residual projections by depth so the residual stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def start_token(self) -> int:
+        return self.cfg.palette_size
+
+    def shift_right(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) pixels -> (B, T) inputs: the start token, then pixels 0..T-2."""
+        start = torch.full_like(tokens[:, :1], self.start_token)
+        return torch.cat([start, tokens[:, :-1]], dim=1)
+
+    def hidden(self, inputs: torch.Tensor, all_layers: bool = False):
+        """Final-layer features (B, T, C) after ln_f; with all_layers, also each block's output."""
+        B, T = inputs.shape
+        x = self.drop(self.tok_emb(inputs) + self.pos_emb[:, :T])  # (B, T, C)
+        layers = []
+        for block in self.blocks:
+            x = block(x)
+            if all_layers:
+                layers.append(x)
+        x = self.ln_f(x)
+        return (x, layers) if all_layers else x
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixel logits (B, T, K) for next-pixel prediction, and class logits (B, n_classes) or None."""
+        h = self.hidden(self.shift_right(tokens))  # (B, T, C)
+        logits = self.lm_head(h)
+        class_logits = self.cls_head(h.mean(dim=1)) if self.cls_head is not None else None
+        return logits, class_logits
+
+    def generative_loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-pixel cross-entropy in nats; divide by ln 2 for bits per pixel."""
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens.reshape(-1))
+
+    @torch.no_grad()
+    def complete(self, prefix: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
+                 top_k: int = 0) -> torch.Tensor:
+        """Sample the pixels after `prefix` (B, P) until the sequence is full; returns (B, T).
+
+        Recomputes the whole prefix at each step: simple and exact; sequences here are a few hundred pixels.
+        """
+        tokens = prefix
+        B = prefix.size(0)
+        for _ in range(self.cfg.seq_len - prefix.size(1)):
+            inputs = torch.cat([torch.full((B, 1), self.start_token, dtype=tokens.dtype,
+                                           device=tokens.device), tokens], dim=1)
+            logits = self.lm_head(self.hidden(inputs)[:, -1]).float() / temperature  # (B, K)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
+            tokens = torch.cat([tokens, nxt], dim=1)
+        return tokens
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def save_model(model: TGM, directory: str | Path, extra: dict | None = None) -> None:
+    """Weights as safetensors plus a JSON config; `extra` (class names, ...) goes into the config."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps({"model": asdict(model.cfg), **(extra or {})}, indent=2) + "\n")
+
+
+def load_config(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def load_model(directory: str | Path, map_location: str = "cpu", n_classes: int | None = None,
+               strict: bool = True) -> TGM:
+    """Rebuild a model from its directory. `n_classes` overrides the saved head (pretrained -> classifier)."""
+    from safetensors.torch import load_file
+
+    cfg = TGMConfig(**load_config(directory)["model"])
+    if n_classes is not None:
+        cfg.n_classes = n_classes
+    model = TGM(cfg)
+    state = load_file(str(Path(directory) / WEIGHTS_FILE), device=map_location)
+    missing, unexpected = model.load_state_dict(state, strict=strict)
+    if not strict and [k for k in missing if not k.startswith("cls_head")]:
+        raise ValueError(f"{directory}: weights are missing {missing}")
+    return model.to(map_location)

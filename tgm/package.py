@@ -1,0 +1,71 @@
+"""package: put the gated classifier into the BentoML model store and build a Bento around it."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from tgm.io import read_json, write_json
+from tgm.params import Params
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepared_data_hash(lock_path: str | Path = "dvc.lock", out: str = "data/prepared") -> str:
+    """The hash DVC recorded for the prepared data, so a model can be traced to the exact tokens."""
+    try:
+        lock = yaml.safe_load(Path(lock_path).read_text()) or {}
+        for entry in lock.get("stages", {}).get("prepare", {}).get("outs", []):
+            if entry.get("path") == out:
+                return entry.get("md5", "unknown")
+    except (OSError, yaml.YAMLError):
+        pass
+    return "unknown"
+
+
+def package(params: Params, params_path: str = "params.yaml", classifier_dir: str | Path = "models/classifier",
+            gate_report: str | Path = "reports/gate.json", report_path: str | Path = "reports/package.json") -> dict:
+    import bentoml
+
+    report = read_json(gate_report)
+    if not report.get("passed"):
+        raise RuntimeError(f"package: {gate_report} says the gate failed; refusing to package")
+    config = read_json(Path(classifier_dir) / "config.json")
+    metadata = {
+        "metrics": read_json("metrics/evaluate.json"),
+        "params": asdict(params),
+        "git_commit": git_commit(),
+        "data_hash": prepared_data_hash(),
+        "classes": config["classes"],
+        "model": config["model"],
+        "preprocess": read_json(Path(classifier_dir) / "preprocess.json"),
+    }
+    with bentoml.models.create(params.package.model_name, metadata=metadata,
+                               labels={"project": "t-gm", "gate": "passed"}) as model_ref:
+        for f in Path(classifier_dir).iterdir():
+            shutil.copy2(f, Path(model_ref.path) / f.name)
+    log.info("package: saved %s", model_ref.tag)
+    result = {"model_tag": str(model_ref.tag), "bento_tag": None}
+    if params.package.build_bento:
+        # Pin the Bento to the model version just saved, not whatever is "latest" when it is served.
+        os.environ["TGM_MODEL"] = str(model_ref.tag)
+        bento = bentoml.bentos.build_bentofile("bentofile.yaml", build_ctx=".")
+        result["bento_tag"] = str(bento.tag)
+        log.info("package: built Bento %s", bento.tag)
+    write_json(report_path, result)
+    return result

@@ -1,0 +1,125 @@
+"""prepare: accepted images -> palette + token arrays per split (train / val / test) + meta.json.
+
+Splits are stratified by class and drawn with `prepare.seed`; an image that appears twice (same sha256) is
+kept once, so no picture can sit in both training and test.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from tgm import schemas
+from tgm.io import atomic_dir, write_json
+from tgm.params import PrepareParams
+from tgm.preprocess import PreprocessSpec, fit_palette, image_pixels, quantize_to_palette
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def class_order(labels) -> list[str]:
+    """Class names in natural order, so "2" comes before "10"."""
+    def key(s: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    return sorted(set(labels), key=key)
+
+
+def stratified_split(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
+    """Assign each row to train/val/test, per class, with at least one training image per class."""
+    rng = np.random.default_rng(seed)
+    split = pd.Series("train", index=df.index)
+    for _, idx in sorted(df.groupby("label").groups.items()):
+        idx = np.array(sorted(idx))
+        rng.shuffle(idx)
+        n = len(idx)
+        n_test = min(int(round(n * test_fraction)), n - 1)
+        n_val = min(int(round(n * val_fraction)), n - 1 - n_test)
+        split[idx[:n_test]] = "test"
+        split[idx[n_test:n_test + n_val]] = "val"
+    return split
+
+
+def looks_grey(image: Image.Image) -> bool:
+    if image.mode in GREY_MODES:
+        return True
+    rgb = np.asarray(image.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated", raw_dir: str | Path = "data/raw",
+            out_dir: str | Path = "data/prepared") -> dict:
+    raw_dir = Path(raw_dir)
+    manifest = pd.read_csv(Path(validated_dir) / "manifest.csv", keep_default_na=False, dtype={"label": str})
+    manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
+
+    # Same picture twice: keep the first copy only, so it cannot leak across splits.
+    conflicting = manifest.groupby("sha256")["label"].nunique()
+    conflicting = set(conflicting[conflicting > 1].index)
+    dup = manifest.duplicated("sha256", keep="first")
+    n_dup = int(dup.sum())
+    if conflicting:
+        log.warning("prepare: %d images are filed under more than one label; keeping the first label seen",
+                    len(conflicting))
+    table = manifest.loc[~dup, ["path", "label", "sha256"]].reset_index(drop=True)
+    table["split"] = stratified_split(table, params.val_fraction, params.test_fraction, params.seed)
+    table = schemas.check(schemas.SplitTable, table, "split table")
+
+    classes = class_order(table["label"])
+    images = []
+    for path in table["path"]:
+        with Image.open(raw_dir / path) as im:
+            im.load()
+            images.append(im.copy())
+    color_mode = params.color_mode
+    if color_mode == "auto":
+        color_mode = "grey" if all(looks_grey(im) for im in images) else "rgb"
+    pixels = np.stack([image_pixels(im, params.image_size, color_mode) for im in images])  # (N, T, C)
+    del images
+    train_pixels = pixels[(table["split"] == "train").to_numpy()].reshape(-1, pixels.shape[-1])
+    if len(train_pixels) > params.kmeans_sample_pixels:
+        pick = np.random.default_rng(params.seed).choice(len(train_pixels), params.kmeans_sample_pixels, replace=False)
+        train_pixels = train_pixels[np.sort(pick)]
+    spec = PreprocessSpec(params.image_size, color_mode,
+                          fit_palette(train_pixels, color_mode, params.palette_size, params.seed))
+    # Same two steps as preprocess.image_to_tokens, batched: the service uses that function on each image.
+    tokens = quantize_to_palette(pixels.reshape(-1, pixels.shape[-1]), spec.palette).reshape(len(table), -1)
+    labels = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+
+    token_dtype = np.uint8 if spec.palette_size <= 256 else np.uint16
+    counts = {}
+    with atomic_dir(out_dir) as tmp:
+        spec.save(tmp)
+        for split in SPLITS:
+            mask = (table["split"] == split).to_numpy()
+            np.save(tmp / f"{split}_tokens.npy", tokens[mask].astype(token_dtype))
+            np.save(tmp / f"{split}_labels.npy", labels[mask].astype(np.int64))
+            counts[split] = int(mask.sum())
+        table.to_csv(tmp / "splits.csv", index=False)
+        meta = {
+            "classes": classes,
+            "image_size": params.image_size,
+            "color_mode": color_mode,
+            "palette_size": spec.palette_size,
+            "seq_len": spec.seq_len,
+            "split_sizes": counts,
+            "images": len(table),
+            "duplicates_dropped": n_dup,
+            "images_with_conflicting_labels": len(conflicting),
+        }
+        write_json(tmp / "meta.json", meta)
+    log.info("prepare: %s, %s palette of %d, splits %s", f"{params.image_size}x{params.image_size}",
+             color_mode, spec.palette_size, counts)
+    return meta
+
+
+def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    prepared_dir = Path(prepared_dir)
+    return (np.load(prepared_dir / f"{split}_tokens.npy").astype(np.int64),
+            np.load(prepared_dir / f"{split}_labels.npy"))

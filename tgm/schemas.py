@@ -1,0 +1,59 @@
+"""pandera contracts for the tables that pass between stages, checked where they cross a boundary."""
+from __future__ import annotations
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+
+class DataContractError(ValueError):
+    """A table handed between stages breaks its contract."""
+
+
+class Manifest(pa.DataFrameModel):
+    """One row per file that ingest found."""
+    path: Series[str] = pa.Field(unique=True)
+    label: Series[str] = pa.Field(nullable=True)
+    sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")
+    size_bytes: Series[int] = pa.Field(ge=0)
+    format: Series[str] = pa.Field(nullable=True)
+    width: Series[int] = pa.Field(ge=-1)
+    height: Series[int] = pa.Field(ge=-1)
+    mode: Series[str] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+class AcceptedManifest(Manifest):
+    """Images that passed validation: labelled and decodable."""
+    label: Series[str] = pa.Field(str_length={"min_value": 1})
+    width: Series[int] = pa.Field(ge=1)
+    height: Series[int] = pa.Field(ge=1)
+
+
+class SplitTable(pa.DataFrameModel):
+    """Which accepted image went to which split."""
+    path: Series[str] = pa.Field(unique=True)
+    label: Series[str] = pa.Field(str_length={"min_value": 1})
+    sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")
+    split: Series[str] = pa.Field(isin=["train", "val", "test"])
+
+    class Config:
+        coerce = True
+
+    @pa.dataframe_check(error="the same image (sha256) appears in more than one split")
+    @classmethod
+    def no_image_in_two_splits(cls, df: pd.DataFrame) -> bool:
+        return bool((df.groupby("sha256")["split"].nunique() <= 1).all())
+
+
+def check(model: type[pa.DataFrameModel], df: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Validate `df` against `model`; raise DataContractError listing the first failures."""
+    try:
+        return model.validate(df.fillna({c: "" for c in ("label", "format", "mode") if c in df}), lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        cases = exc.failure_cases[["column", "check", "failure_case"]].head(10)
+        lines = [f"  {r.column or '(table)'}: {r.check} failed for {r.failure_case!r}" for r in cases.itertuples()]
+        raise DataContractError(f"{what} breaks its contract ({len(exc.failure_cases)} failures):\n"
+                                + "\n".join(lines)) from None

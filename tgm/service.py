@@ -1,0 +1,28 @@
+"""The BentoML service: one class, the model loaded once, each API a typed method.
+
+`bentoml serve` in the project root serves the newest `tgm-classifier` in the local model store; a built
+Bento pins the exact model version it was built with (TGM_MODEL is set by `tgm package` at build time).
+"""
+from __future__ import annotations
+
+import os
+
+import bentoml
+from PIL.Image import Image
+
+from tgm.inference import Classifier
+
+MODEL = os.environ.get("TGM_MODEL", "tgm-classifier:latest")
+
+
+@bentoml.service(traffic={"timeout": 60})
+class TGMClassifier:
+    bento_model = bentoml.models.BentoModel(MODEL)
+
+    def __init__(self) -> None:
+        self.classifier = Classifier(self.bento_model.path)
+
+    @bentoml.api
+    def classify(self, image: Image) -> dict:
+        """Classify one image (multipart field `image`): the label and each class's probability."""
+        return self.classifier.classify([image])[0]
