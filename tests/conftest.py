@@ -25,8 +25,8 @@ TINY_PARAMS = {
     "ingest": {"source": "builtin:digits"},
     "prepare": {"image_size": 8, "palette_size": 8},
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
-    "pretrain": {"epochs": 2, "batch_size": 64, "lr": 0.003},
-    "finetune": {"epochs": 3, "batch_size": 64, "lr": 0.003},
+    "pretrain": {"epochs": 4, "batch_size": 32, "lr": 0.005},
+    "finetune": {"epochs": 12, "batch_size": 32, "lr": 0.005},
     "evaluate": {"completion_images": 2, "completion_samples": 2},
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0},
 }

@@ -27,7 +27,7 @@ def test_first_run_produces_every_output(digits_project):
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class_recall", "test_bpp", "reference"}
     assert len(metrics["per_class_recall"]) == 10
     # Even tiny, the pipeline learns something: far above chance (10%) on 10 digit classes.
-    assert metrics["accuracy"] > 0.3
+    assert metrics["accuracy"] > 0.5
     package = json.loads((p / "reports/package.json").read_text())
     assert package["model_tag"].startswith("tgm-classifier:") and package["bento_tag"]
     assert not list(p.rglob("*.pkl")) and not list((p / "models").rglob("*.pt"))

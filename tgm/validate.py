@@ -29,6 +29,18 @@ REASONS = {
 }
 
 
+# Leading bytes of common image formats: a file that starts like an image but will not open is damaged,
+# not "some other kind of file".
+_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+          b"MM\x00*": "TIFF", b"RIFF": "WEBP"}
+
+
+def sniff_format(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
+
+
 class DataUnusableError(RuntimeError):
     """The data as a whole cannot be trained on; the message says why."""
 
@@ -49,6 +61,9 @@ def check_image(path: Path, label: str, params: ValidateParams) -> tuple[str, st
                 except Exception as exc:
                     return "corrupt_image", f"{REASONS['corrupt_image']}: {exc}"
     except Exception as exc:
+        fmt = sniff_format(path)
+        if fmt:
+            return "corrupt_image", f"file starts like a {fmt} but cannot be opened (truncated or damaged): {exc}"
         return "not_an_image", f"{REASONS['not_an_image']}: {exc}"
     if min(size) < params.min_side:
         return "too_small", f"image is {size[0]}x{size[1]}, below validate.min_side={params.min_side}"
