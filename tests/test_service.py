@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def served(digits_project):
     port = free_port()
     bentoml = str(Path(sys.executable).with_name("bentoml"))
@@ -65,3 +65,14 @@ def test_classify_a_real_image_over_http(served, digits_project):
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
         for c, prob in expected["probabilities"].items():
             assert body["probabilities"][c] == pytest.approx(prob, abs=1e-5)
+
+
+@pytest.mark.parametrize("payload, problem", [
+    (b"this is not an image", "not an image format"),
+    (b"", "empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x08", "truncated or damaged"),
+])
+def test_a_bad_upload_is_a_400_that_names_the_problem(served, payload, problem):
+    r = httpx.post(f"{served}/classify", files={"image": ("x.png", payload, "image/png")}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert problem in r.text

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(args.stage, args.params)
-    except (ParamsError, DataContractError, DataUnusableError, GateFailed, FileNotFoundError) as exc:
+    except (ParamsError, DataContractError, DataUnusableError, GateFailed, FileNotFoundError,
+            FloatingPointError) as exc:
         print(f"tgm {args.stage}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ParamsError) else 1
     return 0

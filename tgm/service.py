@@ -6,10 +6,12 @@ Bento pins the exact model version it was built with (TGM_MODEL is set by `tgm p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import bentoml
-from PIL.Image import Image
+from bentoml.exceptions import InvalidArgument
 
+from tgm.images import InvalidImage, open_image
 from tgm.inference import Classifier
 
 MODEL = os.environ.get("TGM_MODEL", "tgm-classifier:latest")
@@ -23,6 +25,11 @@ class TGMClassifier:
         self.classifier = Classifier(self.bento_model.path)
 
     @bentoml.api
-    def classify(self, image: Image) -> dict:
-        """Classify one image (multipart field `image`): the label and each class's probability."""
-        return self.classifier.classify([image])[0]
+    def classify(self, image: Path) -> dict:
+        """Classify one image file (multipart field `image`): the label and each class's probability."""
+        # The upload arrives as a file and is decoded here, so a bad file is a 400 naming the problem.
+        try:
+            img = open_image(image)
+        except InvalidImage as exc:
+            raise InvalidArgument(f"image: {exc}") from None
+        return self.classifier.classify([img])[0]

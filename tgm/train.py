@@ -114,7 +114,7 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
     gen = torch.Generator().manual_seed(params.seed)
     # Early stopping watches the validation loss of the objective being trained for.
     monitor = "gen_loss" if objective == "generative" else "cls_loss"
-    best, best_state, best_epoch, bad_epochs, history = math.inf, None, 0, 0, []
+    best, best_state, best_epoch, bad_epochs, history, speeds = math.inf, None, 0, 0, [], []
     tokens_t = torch.from_numpy(tokens)
     labels_t = torch.from_numpy(labels)
     start = time.perf_counter()
@@ -137,17 +137,21 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
         epoch_time = time.perf_counter() - t0
         val_metrics = evaluate_split(model, *val, objective, lambda_gen, params.batch_size * 2, device)
         row = {"epoch": epoch, "train_loss": run_loss / seen, "val_loss": val_metrics["loss"],
-               "val_bpp": val_metrics["bpp"], "lr": sched.get_last_lr()[0],
-               "tokens_per_s": seen * tokens.shape[1] / epoch_time}
+               "val_bpp": val_metrics["bpp"], "lr": sched.get_last_lr()[0]}
         if objective == "classify":
             row["val_accuracy"] = val_metrics["accuracy"]
             row["val_cls_loss"] = val_metrics["cls_loss"]
         history.append(row)
+        tokens_per_s = seen * tokens.shape[1] / epoch_time  # logged only: timings would make outputs vary
+        speeds.append(tokens_per_s)
         eta = (time.perf_counter() - start) / epoch * (params.epochs - epoch)
         log.info("%s epoch %d/%d  train %.4f  val %.4f  %s  %.0f tok/s  eta %.0fs", objective, epoch, params.epochs,
                  row["train_loss"], row["val_loss"],
                  f"acc {row['val_accuracy']:.4f}" if objective == "classify" else f"bpp {row['val_bpp']:.4f}",
-                 row["tokens_per_s"], eta)
+                 tokens_per_s, eta)
+        if not math.isfinite(val_metrics[monitor]):
+            raise FloatingPointError(f"{objective}: validation loss became {val_metrics[monitor]} in epoch {epoch}; "
+                                     "training diverged, lower the learning rate")
         if val_metrics[monitor] < best - 1e-6:
             best, best_epoch, bad_epochs = val_metrics[monitor], epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -158,6 +162,7 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    log.info("%s: %.1fs, %.0f tokens/s on average", objective, time.perf_counter() - start, sum(speeds) / len(speeds))
     return history, best_epoch
 
 
@@ -179,15 +184,12 @@ def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str |
     model = TGM(cfg).to(device)
     log.info("pretrain: %.2fM parameters, %d training images of %d pixels, device %s",
              model.num_params() / 1e6, len(train[0]), spec.seq_len, device)
-    t0 = time.perf_counter()
     history, best_epoch = fit(model, train, val, params, "generative", device)
-    elapsed = time.perf_counter() - t0
     best = history[best_epoch - 1]
     with atomic_dir(out_dir) as tmp:
         save_model(model, tmp)
         spec.save(tmp)
     # Timings stay out of the metrics: metrics must repeat exactly for the same params on the same machine.
-    log.info("pretrain: %.1fs, %.0f tokens/s on average", elapsed, np.mean([r["tokens_per_s"] for r in history]))
     metrics = {"val_bpp": round(best["val_bpp"], 6), "best_epoch": best_epoch, "epochs_run": len(history),
                "parameters": model.num_params()}
     write_curve(curve_path, history)
@@ -206,16 +208,13 @@ def finetune(params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
     spec = PreprocessSpec.load(prepared_dir)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     model = load_model(pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False)
-    t0 = time.perf_counter()
     history, best_epoch = fit(model, train, val, params, "classify", device, lambda_gen=params.lambda_gen)
-    elapsed = time.perf_counter() - t0
     final = evaluate_split(model, *val, "classify", params.lambda_gen, params.batch_size * 2, device)
     with atomic_dir(out_dir) as tmp:
         save_model(model, tmp, extra={"classes": classes})
         spec.save(tmp)
     metrics = {"val_accuracy": round(final["accuracy"], 6), "val_loss": round(final["cls_loss"], 6),
                "val_bpp": round(final["bpp"], 6), "epochs_run": len(history), "best_epoch": best_epoch}
-    log.info("finetune: %.1fs", elapsed)
     write_curve(curve_path, history)
     write_json(metrics_path, metrics)
     return metrics

@@ -6,14 +6,13 @@ unusable: too large a share rejected, or a class with too few images left.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from tgm import schemas
+from tgm.images import InvalidImage, open_image
 from tgm.io import write_json
 from tgm.params import ValidateParams
 
@@ -23,22 +22,11 @@ log = logging.getLogger(__name__)
 REASONS = {
     "unlabelled": "file is not inside a class folder, so it has no label",
     "empty_file": "file is empty (0 bytes), or a link that was not followed",
+    "too_large": "image has more pixels than the decompression-bomb limit",
     "not_an_image": "file is not an image format Pillow can read",
     "corrupt_image": "image header reads but the pixel data does not decode (truncated or damaged)",
     "too_small": "image is smaller than validate.min_side pixels on a side",
 }
-
-
-# Leading bytes of common image formats: a file that starts like an image but will not open is damaged,
-# not "some other kind of file".
-_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
-          b"MM\x00*": "TIFF", b"RIFF": "WEBP"}
-
-
-def sniff_format(path: Path) -> str | None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
 
 
 class DataUnusableError(RuntimeError):
@@ -49,22 +37,10 @@ def check_image(path: Path, label: str, params: ValidateParams) -> tuple[str, st
     """None when the file is a usable labelled image, else (reason, message)."""
     if not label:
         return "unlabelled", REASONS["unlabelled"]
-    if path.stat().st_size == 0:
-        return "empty_file", REASONS["empty_file"]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                size = im.size
-                try:
-                    im.load()  # decode everything: truncation only shows up here
-                except Exception as exc:
-                    return "corrupt_image", f"{REASONS['corrupt_image']}: {exc}"
-    except Exception as exc:
-        fmt = sniff_format(path)
-        if fmt:
-            return "corrupt_image", f"file starts like a {fmt} but cannot be opened (truncated or damaged): {exc}"
-        return "not_an_image", f"{REASONS['not_an_image']}: {exc}"
+        size = open_image(path).size
+    except InvalidImage as exc:
+        return exc.reason, str(exc)
     if min(size) < params.min_side:
         return "too_small", f"image is {size[0]}x{size[1]}, below validate.min_side={params.min_side}"
     return None
