@@ -35,7 +35,7 @@ def run_stages(tmp_path, source, validate_params=ValidateParams(min_images_per_c
                prepare_params=PrepareParams(image_size=6, palette_size=8, val_fraction=0.2, test_fraction=0.25)):
     raw, validated, prepared = tmp_path / "raw", tmp_path / "validated", tmp_path / "prepared"
     ingest(IngestParams(source=source), raw)
-    summary = validate(validate_params, raw, validated, tmp_path / "validation.json")
+    summary = validate(validate_params, raw, validated, tmp_path / "validation.json", tmp_path / "docs")
     meta = prepare(prepare_params, validated, raw, prepared)
     return raw, validated, prepared, summary, meta
 
@@ -72,10 +72,12 @@ def test_splits_are_stratified_and_an_image_never_sits_in_two_splits(tmp_path):
     dup = (src / "cat" / "cat 0.png").read_bytes()
     (src / "cat" / "copy of cat 0.png").write_bytes(dup)
     (src / "dog" / "cat 0 filed as dog.png").write_bytes(dup)
-    _, _, prepared, _, meta = run_stages(tmp_path, f"folder:{src}")
+    (src / "dog" / "dog 1 again.png").write_bytes((src / "dog" / "dog 1.png").read_bytes())
+    _, validated, prepared, summary, meta = run_stages(tmp_path, f"folder:{src}")
+    # The picture filed under two labels is set aside everywhere; a same-class copy is dropped after the first.
+    assert summary["rejected_by_reason"] == {"conflicting_labels": 3, "duplicate": 1}
     splits = pd.read_csv(prepared / "splits.csv")
     assert splits["sha256"].is_unique
-    assert meta["duplicates_dropped"] == 2 and meta["images_with_conflicting_labels"] == 1
     for split in ("train", "val", "test"):
         assert set(splits.loc[splits["split"] == split, "label"]) == {"cat", "dog"}
 
@@ -103,7 +105,8 @@ def test_a_single_class_is_a_clear_error(tmp_path):
     src = make_folder(tmp_path / "src", classes=("only",))
     ingest(IngestParams(source=f"folder:{src}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError, match="only one class"):
-        validate(ValidateParams(min_images_per_class=2), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json")
+        validate(ValidateParams(min_images_per_class=2), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json",
+                 None)
 
 
 def test_mostly_broken_folder_fails_with_the_worst_reasons(tmp_path):
@@ -112,7 +115,8 @@ def test_mostly_broken_folder_fails_with_the_worst_reasons(tmp_path):
         (src / "cat" / f"junk{i}.png").write_text("junk")
     ingest(IngestParams(source=f"folder:{src}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError, match=r"not_an_image: 10"):
-        validate(ValidateParams(min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json")
+        validate(ValidateParams(min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json",
+                 None)
     assert (tmp_path / "r.json").exists()  # the report is written even when the stage fails
 
 

@@ -44,8 +44,12 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 if im.width * im.height > max_pixels:
                     raise InvalidImage("too_large", f"image is {im.width}x{im.height}, more than {max_pixels} "
                                                     "pixels (decompression-bomb limit)")
-                im.load()
-                return im.copy()
+                frames = getattr(im, "n_frames", 1)
+                im.load()  # the first frame of an animation: the stated rule is to train on that frame
+                out = im.copy()
+                out.format = im.format  # copy() drops it; the manifest reports it
+                out.info["n_frames"] = frames
+                return out
     except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

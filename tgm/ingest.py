@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tgm.io import atomic_dir, sha256_file
+from tgm.io import atomic_dir, sha256_file, write_json
 from tgm.params import IngestParams
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "label", "sha256", "size_bytes", "format", "width", "height", "mode", "source"]
+MANIFEST_COLUMNS = ["path", "label", "entry", "sha256", "size_bytes", "format", "width", "height", "mode", "source"]
 
 
 @dataclass
@@ -54,20 +54,26 @@ def builtin_images(name: str) -> list[SourceImage]:
     return images
 
 
-def folder_images(root: Path) -> list[SourceImage]:
-    """Every file under `root`: the first directory level names the class."""
+def folder_images(root: Path) -> tuple[list[SourceImage], list[str]]:
+    """Every entry under `root` (the first directory level names the class), and the empty class folders.
+
+    Links are listed but never followed, so nothing outside the folder is read.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"ingest.source: folder {root} does not exist or is not a directory")
     images = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(root)
-        for fname in sorted(filenames):
+        linked_dirs = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        for fname in sorted(filenames + linked_dirs):
             rel = rel_dir / fname
             label = rel.parts[0] if len(rel.parts) > 1 else ""
             name = str(Path(*rel.parts[1:])) if label else fname
             images.append(SourceImage(label=label, name=name, source_path=Path(dirpath) / fname))
-    return images
+    empty = sorted(d.name for d in root.iterdir()
+                   if d.is_dir() and not d.is_symlink() and not any(p.is_file() or p.is_symlink() for p in d.rglob("*")))
+    return images, empty
 
 
 def probe(path: Path) -> dict:
@@ -82,10 +88,11 @@ def probe(path: Path) -> dict:
 def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFrame:
     """Copy the source into `out_dir/images/<label>/...` and write `out_dir/manifest.csv`."""
     kind, _, arg = params.source.partition(":")
+    empty_folders: list[str] = []
     if kind == "builtin":
         images = builtin_images(arg)
     else:
-        images = folder_images(Path(arg).expanduser())
+        images, empty_folders = folder_images(Path(arg).expanduser())
         _warn_if_unwatched(Path(arg))
     out_dir = Path(out_dir)
     rows = []
@@ -94,17 +101,21 @@ def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFra
             rel = Path("images") / (img.label or "_unlabelled") / img.name
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            entry = "file"
             if img.data is not None:
                 dest.write_bytes(img.data)
             elif img.source_path.is_symlink() or not img.source_path.is_file():
+                entry = "symlink" if img.source_path.is_symlink() else "special"
                 dest.write_bytes(b"")  # placeholder keeps the entry accounted for; validate rejects it
             else:
                 shutil.copyfile(img.source_path, dest)
-            rows.append({"path": rel.as_posix(), "label": img.label, "sha256": sha256_file(dest),
+            rows.append({"path": rel.as_posix(), "label": img.label, "entry": entry, "sha256": sha256_file(dest),
                          "size_bytes": dest.stat().st_size, **probe(dest),
                          "source": str(img.source_path) if img.source_path else params.source})
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest.to_csv(tmp / "manifest.csv", index=False)
+        write_json(tmp / "source.json", {"source": params.source, "files": len(manifest),
+                                         "empty_class_folders": empty_folders})
     log.info("ingest: %d files from %s into %s", len(manifest), params.source, out_dir)
     return manifest
 

@@ -42,11 +42,22 @@ class ValidateParams:
     min_images_per_class: int = 5
     max_reject_fraction: float = 0.2
     min_side: int = 4  # pixels; smaller images cannot be resized into anything meaningful
+    max_pixels: int = 89_478_485  # decompression-bomb limit (Pillow's default warning threshold)
+    max_aspect: float = 10.0  # longest side / shortest side
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+    near_constant_std: float = 2.0  # grey-level std below which an image is flagged as (nearly) blank
+    max_class_imbalance: float = 10.0  # largest class / smallest class, reported when exceeded
 
     def check(self) -> None:
         _at_least("validate.min_images_per_class", self.min_images_per_class, 1)
         _fraction("validate.max_reject_fraction", self.max_reject_fraction)
         _at_least("validate.min_side", self.min_side, 1)
+        _at_least("validate.max_pixels", self.max_pixels, 1)
+        _at_least("validate.max_aspect", self.max_aspect, 1)
+        if not self.allowed_formats:
+            raise ParamsError("validate.allowed_formats: needs at least one format")
+        _at_least("validate.near_constant_std", self.near_constant_std, 0)
+        _at_least("validate.max_class_imbalance", self.max_class_imbalance, 1)
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
         return float(value)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ParamsError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if hint is str:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")

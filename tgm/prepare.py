@@ -31,18 +31,24 @@ def class_order(labels) -> list[str]:
     return sorted(set(labels), key=key)
 
 
-def stratified_split(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
-    """Assign each row to train/val/test, per class, with at least one training image per class."""
+def stratified_split(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+                     group: str | None = None) -> pd.Series:
+    """Assign each row to train/val/test, per class, with at least one training image per class.
+
+    Rows sharing a `group` value (near-duplicates: the same picture re-encoded or retouched) always land in
+    the same split, so a copy of a test image can never be trained on.
+    """
     rng = np.random.default_rng(seed)
+    keys = df[group] if group else pd.Series(df.index.astype(str), index=df.index)
     split = pd.Series("train", index=df.index)
-    for _, idx in sorted(df.groupby("label").groups.items()):
-        idx = np.array(sorted(idx))
-        rng.shuffle(idx)
-        n = len(idx)
+    for _, rows in sorted(df.groupby("label").groups.items()):
+        units = sorted(set(keys[rows]))
+        rng.shuffle(units)
+        n = len(units)
         n_test = min(int(round(n * test_fraction)), n - 1)
         n_val = min(int(round(n * val_fraction)), n - 1 - n_test)
-        split[idx[:n_test]] = "test"
-        split[idx[n_test:n_test + n_val]] = "val"
+        assign = {u: "test" for u in units[:n_test]} | {u: "val" for u in units[n_test:n_test + n_val]}
+        split[rows] = [assign.get(k, "train") for k in keys[rows]]
     return split
 
 
@@ -67,8 +73,14 @@ def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated",
     if conflicting:
         log.warning("prepare: %d images are filed under more than one label; keeping the first label seen",
                     len(conflicting))
-    table = manifest.loc[~dup, ["path", "label", "sha256"]].reset_index(drop=True)
-    table["split"] = stratified_split(table, params.val_fraction, params.test_fraction, params.seed)
+    cols = ["path", "label", "sha256"] + (["ahash"] if "ahash" in manifest else [])
+    table = manifest.loc[~dup, cols].reset_index(drop=True)
+    # A near-duplicate group spans labels only in odd data; grouping per label keeps stratification exact.
+    group = None
+    if "ahash" in table:
+        table["group"] = table["label"] + ":" + table["ahash"]
+        group = "group"
+    table["split"] = stratified_split(table, params.val_fraction, params.test_fraction, params.seed, group)
     table = schemas.check(schemas.SplitTable, table, "split table")
 
     classes = class_order(table["label"])

@@ -14,6 +14,7 @@ class Manifest(pa.DataFrameModel):
     """One row per file that ingest found."""
     path: Series[str] = pa.Field(unique=True)
     label: Series[str] = pa.Field(nullable=True)
+    entry: Series[str] = pa.Field(isin=["file", "symlink", "special"])
     sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")
     size_bytes: Series[int] = pa.Field(ge=0)
     format: Series[str] = pa.Field(nullable=True)
@@ -46,6 +47,13 @@ class SplitTable(pa.DataFrameModel):
     @classmethod
     def no_image_in_two_splits(cls, df: pd.DataFrame) -> bool:
         return bool((df.groupby("sha256")["split"].nunique() <= 1).all())
+
+    @pa.dataframe_check(error="near-duplicate images (one group) are spread over more than one split")
+    @classmethod
+    def no_near_duplicate_group_in_two_splits(cls, df: pd.DataFrame) -> bool:
+        if "group" not in df:
+            return True
+        return bool((df.groupby("group")["split"].nunique() <= 1).all())
 
 
 def check(model: type[pa.DataFrameModel], df: pd.DataFrame, what: str) -> pd.DataFrame:

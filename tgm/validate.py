@@ -1,31 +1,45 @@
-"""validate: split the raw manifest into accepted images and a quarantine list, one reason per file.
+"""validate: judge every ingested file, accept it or quarantine it with one reason, and report.
 
-Every input ends up in exactly one of the two lists. The stage fails only when the data as a whole is
-unusable: too large a share rejected, or a class with too few images left.
+Each file is decoded in full (guarded by tgm.images), inspected (size after EXIF orientation, mode, channels,
+frames, pixel statistics, a perceptual hash), and the Great Expectations suites in tgm.expectations decide.
+Every input ends up in exactly one of accepted / quarantined. The stage fails only when the data as a whole
+is unusable: too large a share rejected, a class below its minimum, or fewer than two classes.
 """
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import ImageOps
 
 from tgm import schemas
 from tgm.images import InvalidImage, open_image
-from tgm.io import write_json
+from tgm.io import read_json, write_json
 from tgm.params import ValidateParams
+from tgm.preprocess import resize_square, to_color_mode
 
 log = logging.getLogger(__name__)
 
-# Reasons are machine-readable codes; the message column says the same for a person.
-REASONS = {
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
+
+# A sentence per reason, for people; the reason code is for programs.
+MESSAGES = {
     "unlabelled": "file is not inside a class folder, so it has no label",
-    "empty_file": "file is empty (0 bytes), or a link that was not followed",
-    "too_large": "image has more pixels than the decompression-bomb limit",
-    "not_an_image": "file is not an image format Pillow can read",
-    "corrupt_image": "image header reads but the pixel data does not decode (truncated or damaged)",
-    "too_small": "image is smaller than validate.min_side pixels on a side",
+    "unknown_label": "label is not one of the classes",
+    "system_file": "hidden or operating-system file (name starts with '.', Thumbs.db, desktop.ini)",
+    "not_a_regular_file": "a symbolic link or special file; links are not followed, so nothing outside the folder "
+                          "is read",
+    "format_not_allowed": "image format is not in validate.allowed_formats",
+    "mode_not_supported": "pixel mode has no conversion rule to grey or RGB",
+    "too_small": "image is smaller than validate.min_side on its shortest side",
+    "bad_aspect_ratio": "longest side / shortest side exceeds validate.max_aspect",
+    "conflicting_labels": "the same image (sha256) is filed under more than one label; every copy is set aside",
+    "duplicate": "exact copy of another image in the same class; the first copy is kept",
 }
 
 
@@ -33,49 +47,112 @@ class DataUnusableError(RuntimeError):
     """The data as a whole cannot be trained on; the message says why."""
 
 
-def check_image(path: Path, label: str, params: ValidateParams) -> tuple[str, str] | None:
-    """None when the file is a usable labelled image, else (reason, message)."""
-    if not label:
-        return "unlabelled", REASONS["unlabelled"]
+def average_hash(grey: np.ndarray) -> str:
+    """16x16 average hash: equal for an image and its re-encoded or slightly retouched copies."""
+    from PIL import Image
+
+    small = np.asarray(resize_square(Image.fromarray(grey), 16), dtype=np.float32)
+    return np.packbits(small > small.mean()).tobytes().hex()
+
+
+def inspect_file(path: Path, max_pixels: int) -> dict:
+    """Decode one file and describe it; undecodable files get decodable=False and the reason."""
     try:
-        size = open_image(path).size
+        img = open_image(path, max_pixels=max_pixels)
     except InvalidImage as exc:
-        return exc.reason, str(exc)
-    if min(size) < params.min_side:
-        return "too_small", f"image is {size[0]}x{size[1]}, below validate.min_side={params.min_side}"
-    return None
+        return {"decodable": False, "decode_error": exc.reason, "decode_message": str(exc)}
+    frames, fmt = img.info.get("n_frames", 1), img.format or ""
+    img = ImageOps.exif_transpose(img)  # sizes as the picture is meant to be seen
+    grey = np.asarray(to_color_mode(img, "grey"))
+    return {"decodable": True, "decode_error": None, "decode_message": None, "format": fmt,
+            "width": img.width, "height": img.height, "mode": img.mode, "channels": len(img.getbands()),
+            "n_frames": frames, "pixel_mean": round(float(grey.mean()), 3), "pixel_std": round(float(grey.std()), 3),
+            "ahash": average_hash(grey)}
+
+
+def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidateParams) -> pd.DataFrame:
+    rows = [inspect_file(raw_dir / p, params.max_pixels) for p in manifest["path"]]
+    info = pd.DataFrame(rows, index=manifest.index)
+    df = manifest.drop(columns=["format", "width", "height", "mode"]).join(info)
+    df["label"] = df["label"].replace("", None)
+    name = df["path"].str.rsplit("/", n=1).str[-1]
+    df["is_hidden"] = name.str.startswith(".") | name.str.lower().isin(SYSTEM_FILES) | \
+        df["path"].str.contains("/.", regex=False)
+    df["min_side"] = df[["width", "height"]].min(axis=1)
+    df["aspect"] = df[["width", "height"]].max(axis=1) / df["min_side"].where(df["min_side"] > 0)
+    # Conflicts and duplicates are judged among decodable, labelled, ordinary files only.
+    usable = df["decodable"] & df["label"].notna() & ~df["is_hidden"]
+    labels_per_hash = df[usable].groupby("sha256")["label"].nunique()
+    df["label_conflict"] = usable & df["sha256"].isin(labels_per_hash[labels_per_hash > 1].index)
+    first = df[usable & ~df["label_conflict"]].groupby(["sha256", "label"])["path"].transform("first")
+    df["duplicate_of"] = None
+    dup = first[first != df.loc[first.index, "path"]]
+    df.loc[dup.index, "duplicate_of"] = dup
+    return df
 
 
 def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: str | Path = "data/validated",
-             report_path: str | Path = "reports/validation.json") -> dict:
+             report_path: str | Path = "reports/validation.json",
+             docs_dir: str | Path | None = "reports/validation_docs") -> dict:
+    from tgm.expectations import Suites, row_rules
+
+    t0 = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     manifest = pd.read_csv(raw_dir / "manifest.csv", keep_default_na=False, dtype={"label": str})
-    manifest = schemas.check(schemas.Manifest, manifest, "data/raw/manifest.csv")
+    manifest = schemas.check(schemas.Manifest, manifest, f"{raw_dir / 'manifest.csv'}")
+    source = read_json(raw_dir / "source.json") if (raw_dir / "source.json").exists() else {}
+    df = inspect_manifest(manifest, raw_dir, params)
 
-    verdicts = [check_image(raw_dir / row.path, row.label, params) for row in manifest.itertuples()]
-    rejected_mask = [v is not None for v in verdicts]
-    accepted = manifest[[not r for r in rejected_mask]].reset_index(drop=True)
-    quarantine = manifest.loc[rejected_mask, ["path", "label", "sha256"]].reset_index(drop=True)
-    quarantine["reason"] = [v[0] for v in verdicts if v is not None]
-    quarantine["message"] = [v[1] for v in verdicts if v is not None]
+    # Class set: labels with at least one decodable, ordinary image (an unusable label is no class).
+    classes = sorted(df.loc[df["decodable"] & ~df["is_hidden"] & (df["entry"] == "file"), "label"].dropna().unique())
+    if docs_dir is not None:
+        docs_dir = Path(docs_dir)
+        shutil.rmtree(docs_dir, ignore_errors=True)
+    suites = Suites(params, classes, docs_dir)
+    failed, row_summaries = suites.check_rows(df)
+    # One reason per file: the first rejecting expectation, in the order tgm.expectations lists them.
+    decode_error = dict(zip(df["path"], df["decode_error"]))
+    by_path: dict[str, str] = {}
+    flags: dict[str, list[str]] = {}
+    for rule in row_rules(params, classes):
+        if rule.severity == "flag":
+            flags[rule.reason] = failed[rule.reason]
+            continue
+        for path in failed[rule.reason]:
+            by_path.setdefault(path, decode_error[path] if rule.reason == "undecodable" else rule.reason)
+    reasons = df["path"].map(by_path)
+    accepted = df[reasons.isna()].reset_index(drop=True)
+    quarantined = df[reasons.notna()]
+    quarantine = pd.DataFrame({
+        "path": quarantined["path"], "label": quarantined["label"].fillna(""), "sha256": quarantined["sha256"],
+        "reason": reasons[reasons.notna()],
+        "message": [_message(reasons[i], df.loc[i], params) for i in quarantined.index]}).reset_index(drop=True)
     assert len(accepted) + len(quarantine) == len(manifest)  # every input accounted for
 
-    per_class = accepted["label"].value_counts().sort_index()
-    reasons = Counter(quarantine["reason"])
+    # The class-level suite judges what will actually be trained on.
+    class_summaries = suites.check_classes(_class_table(accepted))
+    per_class = accepted["label"].value_counts().reindex(classes, fill_value=0)
+    counts = Counter(quarantine["reason"])
+    animated = accepted.loc[accepted["n_frames"] > 1, "path"].tolist()
+    near_dups = accepted[accepted.duplicated("ahash", keep=False)].groupby("ahash")["path"].apply(list).tolist()
     summary = {
         "inputs": len(manifest),
         "accepted": len(accepted),
         "rejected": len(quarantine),
         "reject_fraction": round(len(quarantine) / max(len(manifest), 1), 6),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "classes": int(per_class.size),
+        "rejected_by_reason": dict(sorted(counts.items())),
+        "classes": len(classes),
         "images_per_class": {k: int(v) for k, v in per_class.items()},
+        "flagged_near_constant": len(set(flags.get("near_constant", [])) & set(accepted["path"])),
+        "animated_first_frame_used": len(animated),
+        "near_duplicate_groups": len(near_dups),
+        "empty_class_folders": len(source.get("empty_class_folders", [])),
     }
-    problems = []
+    problems, warnings = [], []
     if len(manifest) == 0:
         problems.append("the source contains no files")
     if summary["reject_fraction"] > params.max_reject_fraction:
-        worst = ", ".join(f"{r}: {n}" for r, n in reasons.most_common(3))
+        worst = ", ".join(f"{r}: {n}" for r, n in counts.most_common(3))
         problems.append(f"{summary['rejected']} of {summary['inputs']} files rejected "
                         f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction="
                         f"{params.max_reject_fraction:.1%}); most common reasons: {worst}")
@@ -83,21 +160,57 @@ def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: 
     if small:
         problems.append(f"classes below validate.min_images_per_class={params.min_images_per_class}: "
                         + ", ".join(f"{k} ({v})" for k, v in small.items()))
-    if 0 < per_class.size < 2:
-        problems.append(f"only one class ({per_class.index[0]!r}) was found; a classifier needs at least two "
-                        "class folders")
+    if len(classes) == 1:
+        problems.append(f"only one class ({classes[0]!r}) was found; a classifier needs at least two class folders")
+    if len(classes) >= 2 and per_class.min() > 0 and per_class.max() / per_class.min() > params.max_class_imbalance:
+        warnings.append(f"classes are imbalanced: {per_class.idxmax()} has {per_class.max()} images, "
+                        f"{per_class.idxmin()} {per_class.min()} (> validate.max_class_imbalance)")
+    if source.get("empty_class_folders"):
+        warnings.append("empty class folders ignored: " + ", ".join(source["empty_class_folders"]))
     summary["passed"] = not problems
     summary["problems"] = problems
+    summary["warnings"] = warnings
 
     out_dir.mkdir(parents=True, exist_ok=True)
     accepted.to_csv(out_dir / "manifest.csv", index=False)
     quarantine.to_csv(out_dir / "quarantine.csv", index=False)
+    write_json(out_dir / "details.json", {
+        "expectations": row_summaries + class_summaries,
+        "flagged_near_constant": sorted(set(flags.get("near_constant", [])) & set(accepted["path"])),
+        "animated_first_frame_used": animated, "near_duplicate_groups": near_dups,
+        "empty_class_folders": source.get("empty_class_folders", []), "data_docs": suites.docs_index})
     write_json(report_path, summary)
-    for row in quarantine.itertuples():
-        log.info("quarantined %s: %s", row.path, row.message)
+    elapsed = time.perf_counter() - t0
+    log.info("validate: %d files in %.1fs (%.0f files/s): %d accepted, %d quarantined %s", len(manifest), elapsed,
+             len(manifest) / max(elapsed, 1e-9), len(accepted), len(quarantine), dict(counts))
+    for w in warnings:
+        log.warning("validate: %s", w)
     if problems:
         raise DataUnusableError("validation failed:\n  " + "\n  ".join(problems)
                                 + f"\nSee {out_dir / 'quarantine.csv'} for each rejected file.")
-    schemas.check(schemas.AcceptedManifest, accepted, "accepted manifest")
-    log.info("validate: %d accepted, %d quarantined, %d classes", len(accepted), len(quarantine), per_class.size)
+    schemas.check(schemas.AcceptedManifest, accepted.fillna({"label": ""}), "accepted manifest")
     return summary
+
+
+def _class_table(accepted: pd.DataFrame) -> pd.DataFrame:
+    counts = accepted["label"].dropna().value_counts()
+    table = pd.DataFrame({"label": counts.index.astype(str), "images": counts.to_numpy()})
+    table["imbalance"] = table["images"].max() / table["images"] if len(table) else []
+    return table
+
+
+def _message(reason: str, row: pd.Series, params: ValidateParams) -> str:
+    if row["decode_message"] and reason == row["decode_error"]:
+        return row["decode_message"]
+    if reason == "too_small":
+        return f"image is {row['width']:.0f}x{row['height']:.0f}, below validate.min_side={params.min_side}"
+    if reason == "bad_aspect_ratio":
+        return (f"image is {row['width']:.0f}x{row['height']:.0f} (aspect {row['aspect']:.1f} > "
+                f"validate.max_aspect={params.max_aspect})")
+    if reason == "duplicate":
+        return f"{MESSAGES['duplicate']}: {row['duplicate_of']}"
+    if reason == "format_not_allowed":
+        return f"{row['format']} is not in validate.allowed_formats"
+    if reason == "mode_not_supported":
+        return f"pixel mode {row['mode']} has no conversion rule to grey or RGB"
+    return MESSAGES.get(reason, reason)
