@@ -124,3 +124,18 @@ def test_missing_folder_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ingest(IngestParams(source=f"folder:{tmp_path}/nowhere"), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()  # nothing half-written
+
+
+def test_prepared_arrays_are_checked_before_training(tmp_path):
+    from tgm.prepare import check_prepared
+
+    src = make_folder(tmp_path / "src", per_class=12)
+    _, _, prepared, _, meta = run_stages(tmp_path, f"folder:{src}")
+    assert check_prepared(prepared)["classes"] == ["cat", "dog"]
+    tokens = np.load(prepared / "train_tokens.npy")
+    tokens[0, 0] = meta["palette_size"]  # one token outside the palette
+    np.save(prepared / "train_tokens.npy", tokens)
+    np.save(prepared / "test_labels.npy", np.zeros(meta["split_sizes"]["test"], dtype=np.int64))
+    with pytest.raises(DataContractError) as err:
+        check_prepared(prepared)
+    assert "outside the palette" in str(err.value) and "test: no images of class(es) dog" in str(err.value)

@@ -11,9 +11,12 @@ STAGES = {
     "ingest": """Copy the source named by ingest.source into data/raw/ and list every file in
         data/raw/manifest.csv (path, label, sha256, size, format, width, height, mode).
         Sources: builtin:mnist5k, builtin:digits, folder:PATH (one sub-folder per class).""",
-    "validate": """Decode every ingested file; write data/validated/manifest.csv (accepted images),
-        data/validated/quarantine.csv (one reason per rejected file) and reports/validation.json.
-        Fails when too many files are rejected (validate.max_reject_fraction) or a class is too small.""",
+    "validate": """Decode and inspect every ingested file and judge it with Great Expectations suites: each file is
+        accepted (data/validated/manifest.csv) or quarantined with one reason (data/validated/quarantine.csv).
+        Writes every file's measurements and verdict (data/validated/inspected.csv), details.json,
+        reports/validation.json (a DVC metric) and Data Docs in reports/validation_docs/. Fails when more than
+        validate.max_reject_fraction is rejected, a class is below validate.min_images_per_class, or fewer
+        than two classes remain.""",
     "prepare": """Resize and quantise the accepted images to a palette (grey levels or k-means colours),
         split them train/val/test (stratified, no image in two splits) and write token arrays,
         the palette and meta.json to data/prepared/.""",

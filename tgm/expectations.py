@@ -7,6 +7,8 @@ over the per-class table. Data Docs (HTML) are written to `docs_dir`.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,13 @@ class Suites:
         self.gx, self.params, self.classes, self.docs_dir = gx, params, classes, docs_dir
         self.ctx = gx.get_context(mode="ephemeral")
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        # An ephemeral context comes with a docs site in a fresh temporary directory; drop it so that no
+        # run leaves copies of the Data Docs behind in /tmp.
+        for name, site in dict(self.ctx.list_data_docs_sites()).items():
+            base = site.get("store_backend", {}).get("base_directory")
+            self.ctx.delete_data_docs_site(name)
+            if base and Path(base).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
+                shutil.rmtree(base, ignore_errors=True)
         if docs_dir is not None:
             self.ctx.add_data_docs_site("tgm", {
                 "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
@@ -84,7 +93,7 @@ class Suites:
             suite.add_expectation(e)
         vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=f"tgm_{name}", data=batch,
                                                                          suite=suite))
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="docs")] if self.docs_dir is not None else []
+        actions = [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["tgm"])] if self.docs_dir is not None else []
         checkpoint = self.ctx.checkpoints.add(gx.Checkpoint(
             name=f"tgm_{name}", validation_definitions=[vd], actions=actions,
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]}))

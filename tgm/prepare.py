@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from tgm import schemas
-from tgm.io import atomic_dir, write_json
+from tgm.io import atomic_dir, read_json, write_json
 from tgm.params import PrepareParams
 from tgm.preprocess import PreprocessSpec, fit_palette, image_pixels, quantize_to_palette
 
@@ -128,6 +128,39 @@ def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated",
         write_json(tmp / "meta.json", meta)
     log.info("prepare: %s, %s palette of %d, splits %s", f"{params.image_size}x{params.image_size}",
              color_mode, spec.palette_size, counts)
+    return meta
+
+
+def check_prepared(prepared_dir: str | Path) -> dict:
+    """Refuse prepared arrays that training would silently mis-learn from; returns meta.json.
+
+    Checks: token values inside the palette, one sequence of seq_len per image, labels inside the class
+    range, split sizes as meta.json says, and every class present in every split.
+    """
+    prepared_dir = Path(prepared_dir)
+    meta = read_json(prepared_dir / "meta.json")
+    n_classes, palette, seq_len = len(meta["classes"]), meta["palette_size"], meta["seq_len"]
+    problems = []
+    if len(np.load(prepared_dir / "palette.npy")) != palette:
+        problems.append(f"palette.npy does not hold {palette} colours")
+    for split in SPLITS:
+        tokens = np.load(prepared_dir / f"{split}_tokens.npy")
+        labels = np.load(prepared_dir / f"{split}_labels.npy")
+        if tokens.ndim != 2 or tokens.shape[1] != seq_len:
+            problems.append(f"{split}: tokens have shape {tokens.shape}, expected (N, {seq_len})")
+        if len(tokens) != len(labels) or len(tokens) != meta["split_sizes"][split]:
+            problems.append(f"{split}: {len(tokens)} sequences, {len(labels)} labels, meta.json says "
+                            f"{meta['split_sizes'][split]}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= palette):
+            problems.append(f"{split}: token values {tokens.min()}..{tokens.max()} outside the palette 0..{palette - 1}")
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            problems.append(f"{split}: labels {labels.min()}..{labels.max()} outside 0..{n_classes - 1}")
+        missing = sorted(set(range(n_classes)) - set(labels.tolist()))
+        if missing:
+            problems.append(f"{split}: no images of class(es) {', '.join(meta['classes'][i] for i in missing)} "
+                            "(add images or change prepare.val_fraction / prepare.test_fraction)")
+    if problems:
+        raise schemas.DataContractError(f"{prepared_dir} is not fit for training:\n  " + "\n  ".join(problems))
     return meta
 
 

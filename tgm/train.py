@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tgm.io import atomic_dir, read_json, write_json
+from tgm.io import atomic_dir, write_json
 from tgm.model import TGM, TGMConfig, load_model, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
-from tgm.prepare import load_split
+from tgm.prepare import check_prepared, load_split
 from tgm.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str |
              curve_path: str | Path = "plots/pretrain_curve.csv") -> dict:
     seed_everything(params.seed)
     device = resolve_device(params.device)
+    check_prepared(prepared_dir)
     spec = PreprocessSpec.load(prepared_dir)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **asdict(model_params))
@@ -203,8 +204,7 @@ def finetune(params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
              curve_path: str | Path = "plots/finetune_curve.csv") -> dict:
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    meta = read_json(Path(prepared_dir) / "meta.json")
-    classes = meta["classes"]
+    classes = check_prepared(prepared_dir)["classes"]
     spec = PreprocessSpec.load(prepared_dir)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     model = load_model(pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False)

@@ -172,6 +172,7 @@ def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: 
     summary["warnings"] = warnings
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    df.assign(verdict=reasons.fillna("accepted")).to_csv(out_dir / "inspected.csv", index=False)
     accepted.to_csv(out_dir / "manifest.csv", index=False)
     quarantine.to_csv(out_dir / "quarantine.csv", index=False)
     write_json(out_dir / "details.json", {
