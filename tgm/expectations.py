@@ -84,6 +84,7 @@ class Suites:
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                                   "base_directory": str(Path(docs_dir).resolve())}})
         self.source = self.ctx.data_sources.add_pandas("tgm")
+        self.rules = row_rules(params, classes)  # in priority order: a file's reason is its first failed rule
 
     def _run(self, name: str, df: pd.DataFrame, expectations: list, index_column: str) -> list:
         gx = self.gx
@@ -101,13 +102,14 @@ class Suites:
         return next(iter(result.run_results.values())).results
 
     def check_rows(self, rows: pd.DataFrame) -> tuple[dict[str, list[str]], list[dict]]:
-        """Paths each row expectation rejects (or flags), keyed by reason, in priority order; and summaries."""
-        rules = row_rules(self.params, self.classes)
+        """Paths each row rule rejects (or flags), keyed by reason in `self.rules` order; and summaries."""
+        rules = self.rules
         for rule in rules:
             # GX does not keep the suite's order in its results; the reason travels in each expectation's meta.
             rule.expectation.meta = {"reason": rule.reason, "severity": rule.severity}
         by_reason = {r.reason: r for r in rules}
-        failed, summaries = {}, []
+        failed: dict[str, list[str]] = {r.reason: [] for r in rules}
+        summaries = []
         for res in self._run("manifest", rows, [r.expectation for r in rules], "path"):
             rule = by_reason[res.expectation_config.meta["reason"]]
             paths = [u["path"] for u in res.result.get("unexpected_index_list") or []]

@@ -94,7 +94,7 @@ def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidatePara
 def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: str | Path = "data/validated",
              report_path: str | Path = "reports/validation.json",
              docs_dir: str | Path | None = "reports/validation_docs") -> dict:
-    from tgm.expectations import Suites, row_rules
+    from tgm.expectations import Suites
 
     t0 = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -114,7 +114,7 @@ def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: 
     decode_error = dict(zip(df["path"], df["decode_error"]))
     by_path: dict[str, str] = {}
     flags: dict[str, list[str]] = {}
-    for rule in row_rules(params, classes):
+    for rule in suites.rules:
         if rule.severity == "flag":
             flags[rule.reason] = failed[rule.reason]
             continue
