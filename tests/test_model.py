@@ -54,3 +54,25 @@ def test_completion_keeps_the_prefix_and_fills_the_sequence():
     assert out.min() >= 0 and out.max() < 8
     again = model.complete(prefix, torch.Generator().manual_seed(0), top_k=2)
     assert torch.equal(out, again)
+
+
+def test_cached_decoding_gives_the_logits_of_a_full_forward_pass():
+    from tgm.model import KVCache
+
+    model = tiny()
+    tokens = torch.randint(0, 8, (2, 16))
+    full = model(tokens)[0]  # (B, T, K): logits for pixel i from pixels < i
+    inputs = model.shift_right(tokens)
+    cache = KVCache()
+    steps = [model.lm_head(model.hidden(inputs[:, :5], cache=cache))]  # prefill 5 positions
+    for i in range(5, 16):
+        steps.append(model.lm_head(model.hidden(inputs[:, i:i + 1], cache=cache)))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_cached_and_recomputed_sampling_agree():
+    model = tiny()
+    prefix = torch.randint(0, 8, (4, 5))
+    cached = model.complete(prefix, torch.Generator().manual_seed(1), use_cache=True)
+    recomputed = model.complete(prefix, torch.Generator().manual_seed(1), use_cache=False)
+    assert torch.equal(cached, recomputed)

@@ -30,6 +30,21 @@ class TGMConfig:
     n_classes: int = 0  # 0: no classification head (pretraining)
 
 
+class KVCache:
+    """Keys and values of the positions already processed, per attention layer, for incremental sampling."""
+
+    def __init__(self):
+        self.kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0  # positions already cached
+
+    def extend(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.kv:
+            pk, pv = self.kv[layer]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: TGMConfig):
         super().__init__()
@@ -39,12 +54,17 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        causal = True
+        if cache is not None:
+            k, v = cache.extend(self, k, v)  # (B, nh, T_past + T, hs)
+            # One new position sees every cached one; a multi-position prefill on an empty cache is causal.
+            causal = T > 1
         # SDPA picks the fused / flash kernel available on the device.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
@@ -71,8 +91,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -110,15 +130,21 @@ class TGM(nn.Module):
         start = torch.full_like(tokens[:, :1], self.start_token)
         return torch.cat([start, tokens[:, :-1]], dim=1)
 
-    def hidden(self, inputs: torch.Tensor, all_layers: bool = False):
-        """Final-layer features (B, T, C) after ln_f; with all_layers, also each block's output."""
+    def hidden(self, inputs: torch.Tensor, all_layers: bool = False, cache: KVCache | None = None):
+        """Final-layer features (B, T, C) after ln_f; with all_layers, also each block's output.
+
+        With a cache, `inputs` are the positions after those already cached, and the cache grows by them.
+        """
         B, T = inputs.shape
-        x = self.drop(self.tok_emb(inputs) + self.pos_emb[:, :T])  # (B, T, C)
+        start = cache.length if cache is not None else 0
+        x = self.drop(self.tok_emb(inputs) + self.pos_emb[:, start:start + T])  # (B, T, C)
         layers = []
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cache)
             if all_layers:
                 layers.append(x)
+        if cache is not None:
+            cache.length += T
         x = self.ln_f(x)
         return (x, layers) if all_layers else x
 
@@ -135,23 +161,27 @@ class TGM(nn.Module):
 
     @torch.no_grad()
     def complete(self, prefix: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                 top_k: int = 0) -> torch.Tensor:
+                 top_k: int = 0, use_cache: bool = True) -> torch.Tensor:
         """Sample the pixels after `prefix` (B, P) until the sequence is full; returns (B, T).
 
-        Recomputes the whole prefix at each step: simple and exact; sequences here are a few hundred pixels.
+        With use_cache (the default) each step feeds only the newest pixel and reuses the keys and values
+        of the earlier ones; without it, each step recomputes the whole sequence (the reference path).
         """
-        tokens = prefix
         B = prefix.size(0)
+        start = torch.full((B, 1), self.start_token, dtype=prefix.dtype, device=prefix.device)
+        tokens, cache = prefix, (KVCache() if use_cache else None)
+        step_inputs = torch.cat([start, prefix], dim=1)  # (B, P + 1)
         for _ in range(self.cfg.seq_len - prefix.size(1)):
-            inputs = torch.cat([torch.full((B, 1), self.start_token, dtype=tokens.dtype,
-                                           device=tokens.device), tokens], dim=1)
-            logits = self.lm_head(self.hidden(inputs)[:, -1]).float() / temperature  # (B, K)
+            if cache is None:
+                step_inputs = torch.cat([start, tokens], dim=1)
+            logits = self.lm_head(self.hidden(step_inputs, cache=cache)[:, -1]).float() / temperature  # (B, K)
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = F.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)  # (B, 1)
             tokens = torch.cat([tokens, nxt], dim=1)
+            step_inputs = nxt
         return tokens
 
     def num_params(self) -> int:
