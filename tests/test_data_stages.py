@@ -139,3 +139,14 @@ def test_prepared_arrays_are_checked_before_training(tmp_path):
     with pytest.raises(DataContractError) as err:
         check_prepared(prepared)
     assert "outside the palette" in str(err.value) and "test: no images of class(es) dog" in str(err.value)
+
+
+def test_prepare_refuses_an_accepted_manifest_holding_a_picture_twice(tmp_path):
+    src = make_folder(tmp_path / "src", per_class=12)
+    raw, validated, _, _, _ = run_stages(tmp_path, f"folder:{src}")
+    manifest = pd.read_csv(validated / "manifest.csv")
+    pd.concat([manifest, manifest.iloc[:1].assign(path="images/cat/copy.png")]).to_csv(
+        validated / "manifest.csv", index=False)
+    with pytest.raises(DataContractError, match="sha256"):
+        prepare(PrepareParams(image_size=6, palette_size=8), validated, raw, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -1,7 +1,7 @@
 """prepare: accepted images -> palette + token arrays per split (train / val / test) + meta.json.
 
-Splits are stratified by class and drawn with `prepare.seed`; an image that appears twice (same sha256) is
-kept once, so no picture can sit in both training and test.
+Splits are stratified by class and drawn with `prepare.seed`; the accepted manifest holds each picture once
+(same sha256) and near-duplicates share a split, so no picture can sit in both training and test.
 """
 from __future__ import annotations
 
@@ -65,16 +65,9 @@ def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated",
     manifest = pd.read_csv(Path(validated_dir) / "manifest.csv", keep_default_na=False, dtype={"label": str})
     manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
 
-    # Same picture twice: keep the first copy only, so it cannot leak across splits.
-    conflicting = manifest.groupby("sha256")["label"].nunique()
-    conflicting = set(conflicting[conflicting > 1].index)
-    dup = manifest.duplicated("sha256", keep="first")
-    n_dup = int(dup.sum())
-    if conflicting:
-        log.warning("prepare: %d images are filed under more than one label; keeping the first label seen",
-                    len(conflicting))
+    # The accepted manifest holds each picture once (validate quarantines copies; the contract enforces it).
     cols = ["path", "label", "sha256"] + (["ahash"] if "ahash" in manifest else [])
-    table = manifest.loc[~dup, cols].reset_index(drop=True)
+    table = manifest[cols].reset_index(drop=True)
     # A near-duplicate group spans labels only in odd data; grouping per label keeps stratification exact.
     group = None
     if "ahash" in table:
@@ -122,8 +115,6 @@ def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated",
             "seq_len": spec.seq_len,
             "split_sizes": counts,
             "images": len(table),
-            "duplicates_dropped": n_dup,
-            "images_with_conflicting_labels": len(conflicting),
         }
         write_json(tmp / "meta.json", meta)
     log.info("prepare: %s, %s palette of %d, splits %s", f"{params.image_size}x{params.image_size}",

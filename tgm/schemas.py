@@ -27,8 +27,9 @@ class Manifest(pa.DataFrameModel):
 
 
 class AcceptedManifest(Manifest):
-    """Images that passed validation: labelled and decodable."""
+    """Images that passed validation: labelled, decodable, and each picture (sha256) once."""
     label: Series[str] = pa.Field(str_length={"min_value": 1})
+    sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$", unique=True)
     width: Series[int] = pa.Field(ge=1)
     height: Series[int] = pa.Field(ge=1)
 
