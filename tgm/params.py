@@ -111,6 +111,11 @@ class TrainParams:
     patience: int = 3  # epochs without validation improvement before stopping early
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size stays the global batch
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a CUDA device, else fp32
+    compile: bool = False  # torch.compile the model for training (pays off on CUDA; slow to start on CPU)
+    checkpoint_every: int = 50  # optimizer steps between crash-safe checkpoints; 0 turns them off
+    augment_shift: int = 0  # shift training images by up to this many pixels (fill: the image's corner)
 
     def check(self, group: str) -> None:
         _at_least(f"{group}.epochs", self.epochs, 1)
@@ -124,6 +129,12 @@ class TrainParams:
         _at_least(f"{group}.patience", self.patience, 1)
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ParamsError(f"{group}.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        _at_least(f"{group}.grad_accum", self.grad_accum, 1)
+        if self.batch_size < self.grad_accum:
+            raise ParamsError(f"{group}.grad_accum: {self.grad_accum} micro-batches cannot split a batch of "
+                              f"{self.batch_size}")
+        _at_least(f"{group}.checkpoint_every", self.checkpoint_every, 0)
+        _at_least(f"{group}.augment_shift", self.augment_shift, 0)
 
 
 @dataclass(frozen=True)
@@ -254,6 +265,12 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             raise ParamsError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if item is float:
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in value):
+                raise ParamsError(f"{key}: expected a list of numbers, got {value!r}")
+            return tuple(float(v) for v in value)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ParamsError(f"{key}: expected a list of strings, got {value!r}")
         return tuple(value)

@@ -3,17 +3,29 @@
 - generative (pretrain): next-pixel cross-entropy on the training images, labels unused.
 - classify (finetune): cross-entropy on the class + lambda_gen * next-pixel cross-entropy (iGPT's joint loss).
 
-AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient clipping, early stopping
-on the validation split with the best weights restored. Same params + same machine -> same numbers.
+AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient clipping and accumulation,
+bf16 autocast, optional torch.compile, early stopping on the validation split with the best weights restored.
+Under `torchrun --nproc_per_node=N` the same code trains with DistributedDataParallel (gloo on CPU, nccl on
+GPU): `batch_size` is the global batch, each optimizer step splits it over ranks x grad_accum micro-batches,
+so N processes follow the single-process run up to floating-point summation order.
+
+Crash safety: every `checkpoint_every` optimizer steps and at each epoch end, rank 0 atomically writes the
+whole training state (weights, optimizer, schedule, RNGs, data order, history). The same command started
+again resumes from it and ends with the same numbers as an uninterrupted run.
+Same params + same machine -> same numbers.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,20 +36,64 @@ import torch.nn.functional as F
 from tgm.io import atomic_dir, write_json
 from tgm.model import TGM, TGMConfig, load_model, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
-from tgm.prepare import check_prepared, load_split
-from tgm.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 Objective = Literal["generative", "classify"]
 LN2 = math.log(2.0)
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def resolve_device(name: str) -> torch.device:
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a torchrun job; a plain run is rank 0 of 1."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for, but PyTorch sees no CUDA device here")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)  # one GPU per torchrun process
     return torch.device(name)
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name, dist.local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def teardown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -63,10 +119,24 @@ def lr_factor(step: int, total: int, warmup: int, min_fraction: float) -> float:
     return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def batch_losses(model: TGM, tokens: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
+def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each square image by up to max_shift pixels each way; uncovered pixels take the image's
+    top-left pixel (the background on digits, scans and most photos of objects)."""
+    B, T = tokens.shape
+    S = math.isqrt(T)
+    k = max_shift
+    grid = tokens.view(B, S, S)
+    fill = grid[:, :1, :1].expand(B, S + 2 * k, S + 2 * k).clone()
+    fill[:, k:k + S, k:k + S] = grid
+    offsets = torch.randint(0, 2 * k + 1, (B, 2), generator=generator)
+    out = torch.stack([fill[b, dy:dy + S, dx:dx + S] for b, (dy, dx) in enumerate(offsets.tolist())])
+    return out.reshape(B, T)
+
+
+def batch_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
                  lambda_gen: float) -> tuple[torch.Tensor, dict]:
     logits, class_logits = model(tokens)
-    gen = model.generative_loss(logits, tokens)
+    gen = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens.reshape(-1))
     if objective == "generative":
         return gen, {"gen_loss": gen.detach()}
     cls = F.cross_entropy(class_logits.float(), labels)
@@ -76,7 +146,8 @@ def batch_losses(model: TGM, tokens: torch.Tensor, labels: torch.Tensor | None, 
 
 @torch.no_grad()
 def evaluate_split(model: TGM, tokens: np.ndarray, labels: np.ndarray | None, objective: Objective,
-                   lambda_gen: float, batch_size: int, device: torch.device) -> dict:
+                   lambda_gen: float, batch_size: int, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> dict:
     """Mean losses over a split; bits per pixel = next-pixel cross-entropy / ln 2."""
     model.eval()
     sums = {"gen_loss": 0.0, "cls_loss": 0.0, "correct": 0.0}
@@ -84,7 +155,8 @@ def evaluate_split(model: TGM, tokens: np.ndarray, labels: np.ndarray | None, ob
     for i in range(0, n, batch_size):
         x = torch.from_numpy(tokens[i:i + batch_size]).to(device)
         y = torch.from_numpy(labels[i:i + batch_size]).to(device) if labels is not None else None
-        _, parts = batch_losses(model, x, y, objective, lambda_gen)
+        with autocast(device, amp_dtype):
+            _, parts = batch_losses(model, x, y, objective, lambda_gen)
         for k, v in parts.items():
             sums[k] += float(v) * (1 if k == "correct" else len(x))
     out = {"gen_loss": sums["gen_loss"] / n, "bpp": sums["gen_loss"] / n / LN2}
@@ -96,74 +168,195 @@ def evaluate_split(model: TGM, tokens: np.ndarray, labels: np.ndarray | None, ob
     return out
 
 
+class Checkpointer:
+    """One training-state file, replaced atomically; it is only resumed by a run with the same fingerprint
+    (objective, params, model config, training data), so a changed experiment never picks up stale state."""
+
+    def __init__(self, directory: str | Path, fingerprint: str, every: int):
+        self.directory, self.fingerprint, self.every = Path(directory), fingerprint, every
+        self.path = self.directory / CHECKPOINT_FILE
+
+    @staticmethod
+    def fingerprint_of(*parts) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            if isinstance(part, np.ndarray):
+                h.update(np.ascontiguousarray(part).tobytes())
+            else:
+                h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("%s belongs to other params or data; starting from scratch", self.path)
+            return None
+        return state
+
+    def save(self, state: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{CHECKPOINT_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save({**state, "fingerprint": self.fingerprint}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # a kill before this line leaves the previous checkpoint intact
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-        params: TrainParams, objective: Objective, device: torch.device,
-        lambda_gen: float = 0.0) -> tuple[list[dict], int]:
+        params: TrainParams, objective: Objective, device: torch.device, lambda_gen: float = 0.0,
+        checkpointer: Checkpointer | None = None, dist: Dist = Dist()) -> tuple[list[dict], int]:
     """Train in place; on return the model holds the weights of its best validation epoch.
 
     Returns the per-epoch history and the number of the epoch whose weights were kept.
     """
     tokens, labels = train
-    n = len(tokens)
-    steps_per_epoch = math.ceil(n / params.batch_size)
+    n, seq_len = tokens.shape
+    batch = params.batch_size
+    steps_per_epoch = math.ceil(n / batch)
     total = steps_per_epoch * params.epochs
     warmup = max(1, int(total * params.warmup_fraction))
+    amp_dtype = resolve_precision(params.precision, device)
     opt = make_optimizer(model, params)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, params.min_lr_fraction))
-    gen = torch.Generator().manual_seed(params.seed)
+    order_gen = torch.Generator().manual_seed(params.seed)
+    aug_gen = torch.Generator().manual_seed(params.seed + 1)
+
+    ddp = None
+    train_model: torch.nn.Module = model
+    if dist.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = ddp
+    if params.compile:
+        train_model = torch.compile(train_model)
+
     # Early stopping watches the validation loss of the objective being trained for.
     monitor = "gen_loss" if objective == "generative" else "cls_loss"
-    best, best_state, best_epoch, bad_epochs, history, speeds = math.inf, None, 0, 0, [], []
-    tokens_t = torch.from_numpy(tokens)
-    labels_t = torch.from_numpy(labels)
-    start = time.perf_counter()
-    for epoch in range(1, params.epochs + 1):
+    st = {"epoch": 1, "batch": 0, "step": 0, "run_loss": 0.0, "seen": 0, "history": [], "best": math.inf,
+          "best_epoch": 0, "best_state": None, "bad_epochs": 0, "stopped": False, "epoch_order_rng": None}
+    saved = checkpointer.load() if checkpointer else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        aug_gen.set_state(saved["aug_rng"])
+        order_gen.set_state(saved["order_rng"])
+        st.update({k: saved[k] for k in st if k in saved})
+        log.info("%s: resuming from %s at epoch %d, step %d", objective, checkpointer.path, st["epoch"], st["step"])
+
+    def save_checkpoint() -> None:
+        if checkpointer is None or not dist.is_main:
+            return
+        state = {"model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
+                 **st}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        checkpointer.save(state)
+
+    tokens_t, labels_t = torch.from_numpy(tokens), torch.from_numpy(labels)
+    parts_per_step = dist.world * params.grad_accum
+    start, speeds = time.perf_counter(), []
+    from tqdm import tqdm
+
+    while st["epoch"] <= params.epochs and not st["stopped"]:
+        epoch = st["epoch"]
         model.train()
-        order = torch.randperm(n, generator=gen)
-        run_loss, seen, t0 = 0.0, 0, time.perf_counter()
-        for i in range(0, n, params.batch_size):
-            idx = order[i:i + params.batch_size]
-            x, y = tokens_t[idx].to(device), labels_t[idx].to(device)
-            loss, _ = batch_losses(model, x, y, objective, lambda_gen)
+        if st["batch"] == 0:
+            st["epoch_order_rng"] = order_gen.get_state()
+        else:  # resuming inside an epoch: replay the same shuffle
+            order_gen.set_state(st["epoch_order_rng"])
+        order = torch.randperm(n, generator=order_gen)
+        t0, seen_at_start = time.perf_counter(), st["seen"]
+        bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"{objective} {epoch}/{params.epochs}",
+                   unit="step", disable=None if dist.is_main else True, leave=False, dynamic_ncols=True)
+        for b in range(st["batch"], steps_per_epoch):
+            idx = order[b * batch:(b + 1) * batch]
+            # Every rank sees the whole global batch order and takes its own micro-batches of it.
+            micro = torch.tensor_split(idx, parts_per_step)[dist.rank * params.grad_accum:
+                                                             (dist.rank + 1) * params.grad_accum]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            for j, m in enumerate(micro):
+                # A batch too small to give every rank a micro-batch still runs one (weighted 0) so that
+                # all ranks take part in the gradient all-reduce.
+                weight = len(m) / len(idx) * dist.world
+                if len(m) == 0:
+                    m, weight = idx[:1], 0.0
+                x, y = tokens_t[m], labels_t[m]
+                if params.augment_shift:
+                    x = shift_images(x, params.augment_shift, aug_gen)
+                sync = ddp is None or j == len(micro) - 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, amp_dtype):
+                    loss, _ = batch_losses(train_model, x.to(device), y.to(device), objective, lambda_gen)
+                (loss * weight).backward()
+                if weight:
+                    loss_sum += torch.tensor([loss.item() * len(m), len(m)], dtype=torch.float64)
             if params.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             opt.step()
             sched.step()
-            run_loss += loss.item() * len(idx)
-            seen += len(idx)
+            if dist.world > 1:
+                torch.distributed.all_reduce(loss_sum)
+            st["run_loss"] += float(loss_sum[0])
+            st["seen"] += int(loss_sum[1])
+            st["step"] += 1
+            st["batch"] = b + 1
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{st['run_loss'] / max(1, st['seen']):.4f}",
+                            tok_s=f"{(st['seen'] - seen_at_start) * seq_len / max(elapsed, 1e-9):.0f}")
+            if checkpointer and checkpointer.every and st["step"] % checkpointer.every == 0:
+                save_checkpoint()
+        bar.close()
         epoch_time = time.perf_counter() - t0
-        val_metrics = evaluate_split(model, *val, objective, lambda_gen, params.batch_size * 2, device)
-        row = {"epoch": epoch, "train_loss": run_loss / seen, "val_loss": val_metrics["loss"],
+        val_metrics = evaluate_split(model, *val, objective, lambda_gen, batch * 2, device, amp_dtype)
+        row = {"epoch": epoch, "train_loss": st["run_loss"] / st["seen"], "val_loss": val_metrics["loss"],
                "val_bpp": val_metrics["bpp"], "lr": sched.get_last_lr()[0]}
         if objective == "classify":
             row["val_accuracy"] = val_metrics["accuracy"]
             row["val_cls_loss"] = val_metrics["cls_loss"]
-        history.append(row)
-        tokens_per_s = seen * tokens.shape[1] / epoch_time  # logged only: timings would make outputs vary
+        st["history"].append(row)
+        tokens_per_s = (st["seen"] - seen_at_start) * seq_len / epoch_time  # logged only: timings vary
         speeds.append(tokens_per_s)
-        eta = (time.perf_counter() - start) / epoch * (params.epochs - epoch)
-        log.info("%s epoch %d/%d  train %.4f  val %.4f  %s  %.0f tok/s  eta %.0fs", objective, epoch, params.epochs,
-                 row["train_loss"], row["val_loss"],
-                 f"acc {row['val_accuracy']:.4f}" if objective == "classify" else f"bpp {row['val_bpp']:.4f}",
-                 tokens_per_s, eta)
+        eta = epoch_time * (params.epochs - epoch)
+        if dist.is_main:
+            log.info("%s epoch %d/%d  train %.4f  val %.4f  %s  %.0f tok/s  eta %.0fs", objective, epoch,
+                     params.epochs, row["train_loss"], row["val_loss"],
+                     f"acc {row['val_accuracy']:.4f}" if objective == "classify" else f"bpp {row['val_bpp']:.4f}",
+                     tokens_per_s, eta)
         if not math.isfinite(val_metrics[monitor]):
             raise FloatingPointError(f"{objective}: validation loss became {val_metrics[monitor]} in epoch {epoch}; "
                                      "training diverged, lower the learning rate")
-        if val_metrics[monitor] < best - 1e-6:
-            best, best_epoch, bad_epochs = val_metrics[monitor], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+        if val_metrics[monitor] < st["best"] - 1e-6:
+            st.update(best=val_metrics[monitor], best_epoch=epoch, bad_epochs=0, best_state=_cpu_state(model))
         else:
-            bad_epochs += 1
-            if bad_epochs >= params.patience:
-                log.info("%s: no validation improvement for %d epochs, stopping early", objective, bad_epochs)
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    log.info("%s: %.1fs, %.0f tokens/s on average", objective, time.perf_counter() - start, sum(speeds) / len(speeds))
-    return history, best_epoch
+            st["bad_epochs"] += 1
+            if st["bad_epochs"] >= params.patience:
+                log.info("%s: no validation improvement for %d epochs, stopping early", objective, st["bad_epochs"])
+                st["stopped"] = True
+        st.update(epoch=epoch + 1, batch=0, run_loss=0.0, seen=0)
+        save_checkpoint()
+    if st["best_state"] is not None:
+        model.load_state_dict(st["best_state"])
+    if speeds:
+        log.info("%s: %.1fs, %.0f tokens/s on average", objective, time.perf_counter() - start,
+                 sum(speeds) / len(speeds))
+    return st["history"], st["best_epoch"]
 
 
 def write_curve(path: str | Path, history: list[dict]) -> None:
@@ -173,48 +366,73 @@ def write_curve(path: str | Path, history: list[dict]) -> None:
     pd.DataFrame(history).round(6).to_csv(path, index=False)
 
 
+def _prepared(prepared_dir: str | Path):
+    from tgm.prepare import check_prepared, load_split
+    from tgm.preprocess import PreprocessSpec
+
+    classes = check_prepared(prepared_dir)["classes"]
+    return (classes, PreprocessSpec.load(prepared_dir), load_split(prepared_dir, "train"),
+            load_split(prepared_dir, "val"))
+
+
 def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str | Path = "data/prepared",
              out_dir: str | Path = "models/pretrained", metrics_path: str | Path = "metrics/pretrain.json",
-             curve_path: str | Path = "plots/pretrain_curve.csv") -> dict:
+             curve_path: str | Path = "plots/pretrain_curve.csv",
+             checkpoint_dir: str | Path = "checkpoints/pretrain") -> dict | None:
+    """Returns the metrics on rank 0 (None on the other torchrun ranks, which write nothing)."""
     seed_everything(params.seed)
-    device = resolve_device(params.device)
-    check_prepared(prepared_dir)
-    spec = PreprocessSpec.load(prepared_dir)
-    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    dist, device = setup_distributed(params.device)
+    _, spec, train, val = _prepared(prepared_dir)
     cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **asdict(model_params))
     model = TGM(cfg).to(device)
-    log.info("pretrain: %.2fM parameters, %d training images of %d pixels, device %s",
-             model.num_params() / 1e6, len(train[0]), spec.seq_len, device)
-    history, best_epoch = fit(model, train, val, params, "generative", device)
-    best = history[best_epoch - 1]
-    with atomic_dir(out_dir) as tmp:
-        save_model(model, tmp)
-        spec.save(tmp)
-    # Timings stay out of the metrics: metrics must repeat exactly for the same params on the same machine.
-    metrics = {"val_bpp": round(best["val_bpp"], 6), "best_epoch": best_epoch, "epochs_run": len(history),
-               "parameters": model.num_params()}
-    write_curve(curve_path, history)
-    write_json(metrics_path, metrics)
+    if dist.is_main:
+        log.info("pretrain: %.2fM parameters, %d training images of %d pixels, device %s x %d process(es)",
+                 model.num_params() / 1e6, len(train[0]), spec.seq_len, device, dist.world)
+    ckpt = Checkpointer(checkpoint_dir, Checkpointer.fingerprint_of(
+        "generative", asdict(params), asdict(cfg), train[0]), params.checkpoint_every)
+    history, best_epoch = fit(model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist)
+    metrics = None
+    if dist.is_main:
+        best = history[best_epoch - 1]
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tmp)
+            spec.save(tmp)
+        # Timings stay out of the metrics: metrics must repeat exactly for the same params on the same machine.
+        metrics = {"val_bpp": round(best["val_bpp"], 6), "best_epoch": best_epoch, "epochs_run": len(history),
+                   "parameters": model.num_params()}
+        write_curve(curve_path, history)
+        write_json(metrics_path, metrics)
+        ckpt.clear()
+    teardown_distributed()
     return metrics
 
 
 def finetune(params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
              pretrained_dir: str | Path = "models/pretrained", out_dir: str | Path = "models/classifier",
              metrics_path: str | Path = "metrics/finetune.json",
-             curve_path: str | Path = "plots/finetune_curve.csv") -> dict:
+             curve_path: str | Path = "plots/finetune_curve.csv",
+             checkpoint_dir: str | Path = "checkpoints/finetune") -> dict | None:
     seed_everything(params.seed)
-    device = resolve_device(params.device)
-    classes = check_prepared(prepared_dir)["classes"]
-    spec = PreprocessSpec.load(prepared_dir)
-    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    dist, device = setup_distributed(params.device)
+    classes, spec, train, val = _prepared(prepared_dir)
     model = load_model(pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False)
-    history, best_epoch = fit(model, train, val, params, "classify", device, lambda_gen=params.lambda_gen)
-    final = evaluate_split(model, *val, "classify", params.lambda_gen, params.batch_size * 2, device)
-    with atomic_dir(out_dir) as tmp:
-        save_model(model, tmp, extra={"classes": classes})
-        spec.save(tmp)
-    metrics = {"val_accuracy": round(final["accuracy"], 6), "val_loss": round(final["cls_loss"], 6),
-               "val_bpp": round(final["bpp"], 6), "epochs_run": len(history), "best_epoch": best_epoch}
-    write_curve(curve_path, history)
-    write_json(metrics_path, metrics)
+    # The pretrained weights are part of the fingerprint: a new pretrained model must not resume old state.
+    weights = np.frombuffer((Path(pretrained_dir) / "model.safetensors").read_bytes(), dtype=np.uint8)
+    ckpt = Checkpointer(checkpoint_dir, Checkpointer.fingerprint_of(
+        "classify", asdict(params), asdict(model.cfg), train[0], train[1], weights), params.checkpoint_every)
+    history, best_epoch = fit(model, train, val, params, "classify", device, lambda_gen=params.lambda_gen,
+                              checkpointer=ckpt, dist=dist)
+    metrics = None
+    if dist.is_main:
+        final = evaluate_split(model, *val, "classify", params.lambda_gen, params.batch_size * 2, device,
+                               resolve_precision(params.precision, device))
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tmp, extra={"classes": classes})
+            spec.save(tmp)
+        metrics = {"val_accuracy": round(final["accuracy"], 6), "val_loss": round(final["cls_loss"], 6),
+                   "val_bpp": round(final["bpp"], 6), "epochs_run": len(history), "best_epoch": best_epoch}
+        write_curve(curve_path, history)
+        write_json(metrics_path, metrics)
+        ckpt.clear()
+    teardown_distributed()
     return metrics

@@ -1,0 +1,146 @@
+"""Training at scale and under failure: gradient accumulation, DDP under torchrun, crash-safe resume."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import BIN, TINY_PARAMS, merge
+from test_train import toy_data
+from tgm.model import TGM, TGMConfig
+from tgm.params import TrainParams
+from tgm.train import Checkpointer, fit, seed_everything, shift_images
+
+
+def toy_fit(params: TrainParams, checkpointer=None):
+    seed_everything(0)
+    model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
+    history, _ = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"),
+                     lambda_gen=0.5, checkpointer=checkpointer)
+    return model, history
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    # 64 images in batches of 24: the last batch (16) splits unevenly, which the weighting must handle.
+    full, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5))
+    accum, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3))
+    for (k, a), (_, b) in zip(full.state_dict().items(), accum.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_shift_keeps_the_image_and_fills_with_the_corner():
+    tokens = torch.arange(16).view(1, 16) + 1
+    tokens[0, 0] = 0
+    gen = torch.Generator().manual_seed(0)
+    shifted = [shift_images(tokens, 1, gen) for _ in range(20)]
+    assert any(not torch.equal(s, tokens) for s in shifted)
+    for s in shifted:
+        assert set(s.flatten().tolist()) <= set(tokens.flatten().tolist())  # nothing new but the fill (0)
+
+
+class CrashAfter(Checkpointer):
+    """Dies like a killed process right after its n-th checkpoint reached the disk."""
+
+    def __init__(self, *args, crash_after: int):
+        super().__init__(*args)
+        self.left = crash_after
+
+    def save(self, state):
+        super().save(state)
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
+    params = TrainParams(epochs=4, batch_size=8, lr=0.01, patience=10, checkpoint_every=3, augment_shift=1,
+                         grad_accum=2)
+    reference, ref_history = toy_fit(params)
+    with pytest.raises(KeyboardInterrupt):
+        toy_fit(params, CrashAfter(tmp_path, "fp", 3, crash_after=4))  # mid-epoch 2
+    resumed, history = toy_fit(params, Checkpointer(tmp_path, "fp", 3))
+    assert history == ref_history
+    for (k, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):
+    params = TrainParams(epochs=1, batch_size=8, lr=0.01, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        toy_fit(params, CrashAfter(tmp_path, "old", 2, crash_after=1))
+    reference, _ = toy_fit(params)
+    fresh, _ = toy_fit(params, Checkpointer(tmp_path, "new", 2))
+    for (k, a), (_, b) in zip(reference.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+# --- real processes on the prepared digits data ---------------------------------------------------------
+
+def stage_dir(tmp_path: Path, digits_project: Path, pretrain: dict) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(digits_project / "data" / "prepared", work / "data" / "prepared")
+    params = merge(yaml.safe_load((digits_project / "params.yaml").read_text()), {"pretrain": pretrain})
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return work
+
+
+def env() -> dict:
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def outputs(work: Path) -> tuple[dict, dict]:
+    return (json.loads((work / "metrics" / "pretrain.json").read_text()),
+            load_file(str(work / "models" / "pretrained" / "model.safetensors")))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path, digits_project):
+    settings = {"epochs": 2, "batch_size": 32, "checkpoint_every": 0}
+    single = stage_dir(tmp_path / "one", digits_project, settings)
+    double = stage_dir(tmp_path / "two", digits_project, settings)
+    subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=single, env=env(), check=True, capture_output=True)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tgm", "pretrain"],
+                          cwd=double, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stderr
+    (m1, w1), (m2, w2) = outputs(single), outputs(double)
+    # Same global batch, same data order: only the order of floating-point sums differs.
+    assert m2["val_bpp"] == pytest.approx(m1["val_bpp"], abs=1e-3)
+    assert m2["best_epoch"] == m1["best_epoch"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-3, rtol=1e-3, msg=k)
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, digits_project):
+    settings = {"epochs": 6, "batch_size": 16, "checkpoint_every": 5}
+    steady = stage_dir(tmp_path / "steady", digits_project, settings)
+    crashy = stage_dir(tmp_path / "crashy", digits_project, settings)
+    subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=steady, env=env(), check=True, capture_output=True)
+
+    checkpoint = crashy / "checkpoints" / "pretrain" / "checkpoint.pt"
+    proc = subprocess.Popen([str(BIN / "tgm"), "pretrain"], cwd=crashy, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the run ended before writing a checkpoint"
+    assert not (crashy / "models" / "pretrained").exists()  # nothing half-written
+
+    again = subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=crashy, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    (m1, w1), (m2, w2) = outputs(steady), outputs(crashy)
+    assert m1 == m2
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not checkpoint.exists()  # a finished run cleans up after itself
