@@ -27,6 +27,7 @@ TINY_PARAMS = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
     "pretrain": {"epochs": 4, "batch_size": 32, "lr": 0.005},
     "finetune": {"epochs": 12, "batch_size": 32, "lr": 0.005},
+    "study": {"fractions": [0.2, 1.0], "steps": 10},
     "evaluate": {"completion_images": 2, "completion_samples": 2},
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0},
 }

@@ -9,8 +9,8 @@ from tgm.params import Params, ParamsError, load_params, parse_params
 
 # Which dvc.yaml stage reads each params group.
 STAGE_OF_GROUP = {"ingest": "ingest", "validate": "validate", "prepare": "prepare", "model": "pretrain",
-                  "pretrain": "pretrain", "finetune": "finetune", "evaluate": "evaluate", "gate": "gate",
-                  "package": "package"}
+                  "pretrain": "pretrain", "finetune": "finetune", "probe": "probe", "study": "study",
+                  "evaluate": "evaluate", "gate": "gate", "package": "package"}
 
 
 def test_project_params_load_and_pass_their_checks():

@@ -30,8 +30,10 @@ def toy_fit(params: TrainParams, checkpointer=None):
 
 def test_gradient_accumulation_matches_the_full_batch():
     # 64 images in batches of 24: the last batch (16) splits unevenly, which the weighting must handle.
-    full, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5))
-    accum, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3))
+    # fp32: in bf16 the rounding of different micro-batch shapes alone exceeds the tolerance.
+    full, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, precision="fp32", augment_shift=1))
+    accum, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3, precision="fp32",
+                                   augment_shift=1))
     for (k, a), (_, b) in zip(full.state_dict().items(), accum.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=k)
 
@@ -103,7 +105,7 @@ def outputs(work: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, digits_project):
-    settings = {"epochs": 2, "batch_size": 32, "checkpoint_every": 0}
+    settings = {"epochs": 2, "batch_size": 32, "checkpoint_every": 0, "precision": "fp32"}
     single = stage_dir(tmp_path / "one", digits_project, settings)
     double = stage_dir(tmp_path / "two", digits_project, settings)
     subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=single, env=env(), check=True, capture_output=True)

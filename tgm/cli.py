@@ -24,6 +24,12 @@ STAGES = {
     "finetune": """Fine-tune the pretrained model as a classifier: average-pooled features -> linear head,
         loss = class cross-entropy + finetune.lambda_gen * next-pixel loss, early stopping on validation.
         Writes models/classifier/, metrics/finetune.json, plots/finetune_curve.csv.""",
+    "probe": """Linear probes on the pretrained model: average-pooled features of every layer, a logistic
+        regression per layer fitted on train, the layer chosen on validation. Writes metrics/probe.json and
+        plots/probe.csv (accuracy per layer).""",
+    "study": """Label-efficiency study: fine-tune with each share of the training labels in study.fractions,
+        from the pretrained model and from scratch with the same budget, next to logistic regression, RBF SVM
+        and kNN on the pixels. Writes metrics/study.json, plots/label_efficiency.csv and .png.""",
     "evaluate": """Score the classifier on the test split: metrics/evaluate.json (accuracy, macro-F1,
         per-class recall, test bits per pixel, an RBF-SVM reference), plots/confusion.csv and
         plots/completions.png (top halves given, bottom halves sampled by the pretrained model).""",
@@ -54,6 +60,12 @@ def run_stage(stage: str, params_path: str) -> None:
     elif stage == "finetune":
         from tgm.train import finetune
         finetune(p.finetune)
+    elif stage == "probe":
+        from tgm.probe import probe
+        probe(p.probe)
+    elif stage == "study":
+        from tgm.study import study
+        study(p.study, p.finetune)
     elif stage == "evaluate":
         from tgm.evaluate import evaluate
         evaluate(p.evaluate)

@@ -147,6 +147,39 @@ class FinetuneParams(TrainParams):
 
 
 @dataclass(frozen=True)
+class ProbeParams:
+    """Linear probes on the pretrained model: logistic regression on each layer's average-pooled features."""
+    C: float = 1.0  # inverse L2 strength of the logistic regression
+    max_iter: int = 2000
+
+    def check(self) -> None:
+        if not self.C > 0:
+            raise ParamsError(f"probe.C: {self.C} must be > 0")
+        _at_least("probe.max_iter", self.max_iter, 10)
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    """Label-efficiency study: fine-tune on a share of the training labels, pretrained vs from scratch."""
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # shares of the training labels (stratified, seeded)
+    steps: int = 200  # optimizer steps per fine-tuning run, the same for every arm
+    scratch_lr: float = 0.002  # peak learning rate of the from-scratch arm (finetune.lr serves the pretrained)
+    knn_k: int = 5
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.fractions:
+            raise ParamsError("study.fractions: needs at least one fraction")
+        for f in self.fractions:
+            if not 0 < f <= 1:
+                raise ParamsError(f"study.fractions: {f} is not in (0, 1]")
+        _at_least("study.steps", self.steps, 1)
+        if not 0 < self.scratch_lr < 1:
+            raise ParamsError(f"study.scratch_lr: {self.scratch_lr} is not in (0, 1)")
+        _at_least("study.knn_k", self.knn_k, 1)
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     completion_images: int = 8
     completion_samples: int = 4
@@ -191,6 +224,8 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     pretrain: TrainParams = field(default_factory=TrainParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    probe: ProbeParams = field(default_factory=ProbeParams)
+    study: StudyParams = field(default_factory=StudyParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     gate: GateParams = field(default_factory=GateParams)
     package: PackageParams = field(default_factory=PackageParams)
