@@ -1,0 +1,175 @@
+"""Training throughput on CPU: T-GM vs Hugging Face ImageGPT of the same shape, measured in one run.
+
+    python benchmarks/cpu_throughput.py                                   # the params.yaml model: 4 x 128, 4 heads
+    python benchmarks/cpu_throughput.py --layers 8 --embd 256 --heads 8   # a wider one
+
+Both models get the same layers, width, heads, sequence (image_size ** 2 pixels), palette, batch and precision,
+and both take full training steps as tgm.train runs them: forward and cross-entropy over all T pixels,
+backward, gradient clipping at 1.0, AdamW from tgm.train.make_optimizer. For fp32 and bf16 autocast it prints
+tokens (pixels) per second for each model, T-GM / HF, achieved FLOP/s and that as a fraction of the matmul peak
+of the dtype the matmuls run in, measured here in the same run (benchmarks.common.matmul_peak). The FLOP count
+per token is benchmarks.common.train_flops_per_token (PaLM's 6N + 12·L·C·T, as nanoGPT uses it), the same for
+both models since their matrix shapes are identical. Timed rounds alternate between the models and the median
+round is reported, so load from other processes hits both alike; --max-seconds caps each dtype's timing.
+Another busy process on the same cores slows OpenMP kernels many-fold, hence the load averages in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# `python benchmarks/cpu_throughput.py` puts only benchmarks/ on the path; benchmarks.common needs the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers  # noqa: E402
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
+
+from benchmarks.common import matmul_peak, train_flops_per_token  # noqa: E402
+from tgm.model import TGM, TGMConfig  # noqa: E402
+from tgm.params import TrainParams  # noqa: E402
+from tgm.train import autocast, batch_losses, make_optimizer  # noqa: E402
+
+CPU = torch.device("cpu")
+AMP = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class ImageGPTAsTGM(nn.Module):
+    """ImageGPT behind T-GM's call signature, so that batch_losses computes the very same loss for both.
+
+    ImageGPT's own `labels=` loss shifts inside the model and would score only T-1 pixels (T+1 inputs do not
+    fit n_positions = T), so the start token (vocab_size - 1) is prepended here, as T-GM does internally."""
+
+    def __init__(self, cfg: ImageGPTConfig):
+        super().__init__()
+        self.hf = ImageGPTForCausalImageModeling(cfg)
+        self.start_token = cfg.vocab_size - 1
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+        inputs = torch.cat([torch.full_like(tokens[:, :1], self.start_token), tokens[:, :-1]], dim=1)
+        return self.hf(input_ids=inputs).logits, None  # (B, T, vocab_size - 1 = K)
+
+
+def hf_config(cfg: TGMConfig) -> ImageGPTConfig:
+    return ImageGPTConfig(
+        vocab_size=cfg.palette_size + 1, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        activation_function="gelu",  # T-GM's exact GELU; ImageGPT defaults to quick_gelu
+        use_cache=False)  # a training step has no use for a KV cache
+
+
+def sdpa_supported(cfg: ImageGPTConfig) -> bool:
+    try:  # asking for it is the only check that stays true across transformers versions
+        ImageGPTForCausalImageModeling._from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+        return True
+    except (ValueError, ImportError):
+        return False
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, amp: torch.dtype | None) -> None:
+    with autocast(CPU, amp):
+        loss, _ = batch_losses(model, x, None, "generative", 0.0)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
+    """Median tokens/s per model over alternating timed rounds of `args.steps` steps each."""
+    models = {}
+    for name, build in (("T-GM", lambda: TGM(cfg)), ("HF", lambda: ImageGPTAsTGM(hf_config(cfg)))):
+        torch.manual_seed(0)
+        model = build().train()
+        models[name] = (model, make_optimizer(model, TrainParams()))
+    x = torch.randint(0, cfg.palette_size, (args.batch, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    for model, opt in models.values():
+        for _ in range(args.warmup):
+            train_step(model, opt, x, amp)
+    seconds = {name: [] for name in models}
+    deadline = time.perf_counter() + args.max_seconds
+    for r in range(args.rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):  # neither model always goes first
+            model, opt = models[name]
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(model, opt, x, amp)
+            seconds[name].append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return {name: args.steps * args.batch * cfg.seq_len / statistics.median(s) for name, s in seconds.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--embd", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=14)
+    ap.add_argument("--palette", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3, help="training steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per model (fewer if --max-seconds runs out)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="no new round starts after this, per dtype")
+    args = ap.parse_args()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if unknown := set(dtypes) - set(AMP):
+        ap.error(f"unknown dtypes {sorted(unknown)}; choose from {sorted(AMP)}")
+    load_start = os.getloadavg()[0]
+    torch.manual_seed(0)
+    cfg = TGMConfig(palette_size=args.palette, seq_len=args.image_size ** 2, n_layer=args.layers,
+                    n_head=args.heads, n_embd=args.embd)
+    hf_cfg = hf_config(cfg)
+    n_tgm = TGM(cfg).num_params()
+    hf_probe = ImageGPTForCausalImageModeling(hf_cfg)
+    n_hf, attn = hf_probe.num_parameters(), hf_probe.config._attn_implementation
+    sdpa = sdpa_supported(hf_cfg)
+    flops_per_token = train_flops_per_token(cfg)
+
+    print(f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, sequence {cfg.seq_len} "
+          f"({args.image_size}x{args.image_size}), palette {cfg.palette_size}, batch {args.batch}; "
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"parameters: T-GM {n_tgm:,}, HF ImageGPT {n_hf:,} (T-GM - HF = {n_tgm - n_hf:+,}: ImageGPT's "
+          f"LayerNorm is an RMS norm without bias)")
+    print(f"HF attention: {attn} (default); attn_implementation='sdpa' "
+          f"{'is supported' if sdpa else 'is refused by ImageGPT'}. T-GM: F.scaled_dot_product_attention")
+    print(f"FLOPs per training token: {flops_per_token / 1e6:.2f} M (same formula for both)")
+    print(f"timing: {args.warmup} warm-up steps, then up to {args.rounds} alternating rounds of {args.steps} "
+          f"steps per model, median round; load average (1 min) at start {load_start:.2f}\n")
+    print(f"{'dtype':<6}{'model':<7}{'tokens/s':>11}{'T-GM/HF':>9}{'GFLOP/s':>10}{'peak GFLOP/s':>14}{'of peak':>9}")
+    results = {}
+    for name in dtypes:
+        peak = matmul_peak(CPU, AMP[name] or torch.float32)
+        tok_s = measure(cfg, args, AMP[name])
+        ratio = tok_s["T-GM"] / tok_s["HF"]
+        row = {"peak_flops": peak, "tgm_hf_ratio": ratio}
+        for model, rate in tok_s.items():
+            flops = rate * flops_per_token
+            key = model.lower().replace("-", "")
+            row.update({f"{key}_tokens_per_s": rate, f"{key}_flops": flops, f"{key}_peak_fraction": flops / peak})
+            shown = f"{ratio:>9.2f}" if model == "T-GM" else " " * 9
+            print(f"{name:<6}{model:<7}{rate:>11,.0f}{shown}"
+                  f"{flops / 1e9:>10.1f}{peak / 1e9:>14.1f}{flops / peak:>9.1%}")
+        results[name] = row
+    load_end = os.getloadavg()[0]
+    print(f"load average (1 min) at end {load_end:.2f}")
+    print(json.dumps({"layers": cfg.n_layer, "embd": cfg.n_embd, "heads": cfg.n_head, "seq_len": cfg.seq_len,
+                      "palette": cfg.palette_size, "batch": args.batch, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "transformers": transformers.__version__,
+                      "hf_attn_implementation": attn, "hf_sdpa_supported": sdpa, "params_tgm": n_tgm,
+                      "params_hf": n_hf, "flops_per_token": flops_per_token, "loadavg_start": load_start,
+                      "loadavg_end": load_end, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
