@@ -30,10 +30,10 @@ def test_flow_reruns_only_what_dvc_says_is_stale(prefect_server, digits_project)
     finally:
         set_param(digits_project, "evaluate", "top_k", old)
     by_stage = {r["stage"]: r for r in results}
-    assert list(by_stage) == ["ingest", "validate", "prepare", "pretrain", "finetune", "evaluate", "gate",
-                              "package"]
+    assert list(by_stage) == ["ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study",
+                              "evaluate", "gate", "package"]
     assert by_stage["evaluate"]["ran"] == ["evaluate"]
-    for stage in ("ingest", "validate", "prepare", "pretrain", "finetune"):
+    for stage in ("ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study"):
         assert by_stage[stage]["ran"] == [] and by_stage[stage]["skipped"], stage
     run(["dvc", "repro"], digits_project, timeout=600)
 

@@ -76,3 +76,17 @@ def test_cached_and_recomputed_sampling_agree():
     cached = model.complete(prefix, torch.Generator().manual_seed(1), use_cache=True)
     recomputed = model.complete(prefix, torch.Generator().manual_seed(1), use_cache=False)
     assert torch.equal(cached, recomputed)
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32_and_trains():
+    model = tiny()
+    tokens = torch.randint(0, 8, (4, 16))
+    reference = model(tokens)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)[0]
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.05  # bf16 keeps ~3 significant digits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(tokens)[0].float().reshape(-1, 8), tokens.reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
