@@ -13,7 +13,7 @@ from tgm.io import read_json, write_json
 from tgm.model import TGM, load_model
 from tgm.params import EvaluateParams
 from tgm.prepare import load_split
-from tgm.preprocess import PreprocessSpec, tokens_to_image
+from tgm.preprocess import PreprocessSpec, pixel_features, tokens_to_image
 from tgm.train import LN2, evaluate_split, seed_everything
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def svm_reference(prepared_dir: Path, spec: PreprocessSpec) -> float:
 
     def features(split):
         tokens, labels = load_split(prepared_dir, split)
-        return spec.palette[tokens].reshape(len(tokens), -1) / 255.0, labels
+        return pixel_features(tokens, spec), labels
 
     (xa, ya), (xb, yb), (xt, yt) = features("train"), features("val"), features("test")
     svm = SVC(kernel="rbf").fit(np.concatenate([xa, xb]), np.concatenate([ya, yb]))

@@ -138,14 +138,15 @@ class TGM(nn.Module):
         return torch.cat([start, tokens[:, :-1]], dim=1)
 
     def hidden(self, inputs: torch.Tensor, all_layers: bool = False, cache: KVCache | None = None):
-        """Final-layer features (B, T, C) after ln_f; with all_layers, also each block's output.
+        """Final-layer features (B, T, C) after ln_f; with all_layers, also the embedding output (layer 0)
+        and each block's output (layers 1..n_layer).
 
         With a cache, `inputs` are the positions after those already cached, and the cache grows by them.
         """
         B, T = inputs.shape
         start = cache.length if cache is not None else 0
         x = self.drop(self.tok_emb(inputs) + self.pos_emb[:, start:start + T])  # (B, T, C)
-        layers = []
+        layers = [x] if all_layers else []
         for block in self.blocks:
             x = block(x, cache)
             if all_layers:
@@ -161,10 +162,6 @@ class TGM(nn.Module):
         logits = self.lm_head(h)
         class_logits = self.cls_head(h.mean(dim=1)) if self.cls_head is not None else None
         return logits, class_logits
-
-    def generative_loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-pixel cross-entropy in nats; divide by ln 2 for bits per pixel."""
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens.reshape(-1))
 
     @torch.no_grad()
     def complete(self, prefix: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
@@ -193,6 +190,11 @@ class TGM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def next_pixel_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-pixel cross-entropy in nats of pixel logits (B, T, K); divide by ln 2 for bits per pixel."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens.reshape(-1))
 
 
 def save_model(model: TGM, directory: str | Path, extra: dict | None = None) -> None:

@@ -108,6 +108,11 @@ def tokens_to_image(tokens: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return spec.palette[np.asarray(tokens).reshape(-1)].reshape(s, s, -1)
 
 
+def pixel_features(tokens: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(N, S*S*C) palette colours in [0, 1]: the quantised pixels the transformer sees, for pixel baselines."""
+    return spec.palette[tokens].reshape(len(tokens), -1) / 255.0
+
+
 def fit_palette(pixels: np.ndarray, color_mode: ColorMode, size: int, seed: int) -> np.ndarray:
     """Grey: evenly spaced levels. RGB: k-means centres of `pixels` (N, 3), sorted by brightness."""
     if color_mode == "grey":

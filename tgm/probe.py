@@ -28,9 +28,8 @@ def pooled_features(model: TGM, tokens: np.ndarray, batch_size: int = 256) -> np
     out = []
     for i in range(0, len(tokens), batch_size):
         x = model.shift_right(torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)))
-        embedded = model.tok_emb(x) + model.pos_emb[:, :x.size(1)]
         _, layers = model.hidden(x, all_layers=True)
-        out.append(torch.stack([embedded] + layers).mean(dim=2).float().numpy())
+        out.append(torch.stack(layers).mean(dim=2).float().numpy())
     return np.concatenate(out, axis=1)
 
 

@@ -70,15 +70,14 @@ def study(params: StudyParams, finetune_params: FinetuneParams, prepared_dir: st
           plot_path: str | Path = "plots/label_efficiency.png") -> dict:
     from tgm.model import TGMConfig
     from tgm.prepare import check_prepared, load_split
-    from tgm.preprocess import PreprocessSpec
+    from tgm.preprocess import PreprocessSpec, pixel_features
     from tgm.train import resolve_device, seed_everything
 
     classes = check_prepared(prepared_dir)["classes"]
     spec = PreprocessSpec.load(prepared_dir)
     train, test = load_split(prepared_dir, "train"), load_split(prepared_dir, "test")
     device = resolve_device(finetune_params.device)
-    pixels = {name: spec.palette[t].reshape(len(t), -1) / 255.0 for name, (t, _) in
-              (("train", train), ("test", test))}
+    pixels = {"train": pixel_features(train[0], spec), "test": pixel_features(test[0], spec)}
     rows = []
     for fraction in sorted(set(params.fractions)):
         idx = label_subset(train[1], fraction, params.seed)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tgm.io import atomic_dir, write_json
-from tgm.model import TGM, TGMConfig, load_model, save_model
+from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generato
 def batch_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
                  lambda_gen: float) -> tuple[torch.Tensor, dict]:
     logits, class_logits = model(tokens)
-    gen = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens.reshape(-1))
+    gen = next_pixel_loss(logits, tokens)
     if objective == "generative":
         return gen, {"gen_loss": gen.detach()}
     cls = F.cross_entropy(class_logits.float(), labels)
