@@ -1,18 +1,27 @@
-"""`bentoml serve` in the project root answers /classify over real HTTP, as the in-process model would."""
+"""`bentoml serve` answers over real HTTP exactly as the in-process model does, refuses bad requests with 4xx
+JSON errors, and, with TGM_API_KEY set, only talks to callers that hold the key."""
+import asyncio
+import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from tgm.inference import Classifier
+from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
 
 pytestmark = pytest.mark.slow
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+MAX_BYTES = 200_000
 
 
 def free_port() -> int:
@@ -21,58 +30,200 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(target: list[str], cwd: Path, env: dict):
+    port = free_port()
+    # The server's log goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
+    log = Path(tempfile.gettempdir()) / f"tgm-bentoml-serve-{port}.log"
+    proc = subprocess.Popen([BENTOML, "serve", *target, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd,
+                            env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"bentoml serve exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("bentoml serve did not become ready within 120 s")
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="module")
 def served(digits_project):
-    port = free_port()
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    proc = subprocess.Popen([bentoml, "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=digits_project,
-                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"bentoml serve exited early:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("bentoml serve did not become ready within 120 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    proc, url = start_server([], digits_project, {"TGM_MAX_REQUEST_BYTES": str(MAX_BYTES)})
+    yield url
+    stop(proc)
 
 
-def test_classify_a_real_image_over_http(served, digits_project):
-    classifier = Classifier(digits_project / "models/classifier")
-    images = sorted((digits_project / "data/raw/images").rglob("*.png"))[::300][:5]
-    for path in images:
-        with open(path, "rb") as f:
-            r = httpx.post(f"{served}/classify", files={"image": (path.name, f, "image/png")}, timeout=30)
+@pytest.fixture(scope="module")
+def classifier(digits_project):
+    return Classifier(digits_project / "models/classifier")
+
+
+@pytest.fixture(scope="module")
+def images(digits_project) -> list[Path]:
+    return sorted((digits_project / "data/raw/images").rglob("*.png"))[::20][:64]
+
+
+def upload(path: Path, field: str = "image"):
+    return (field, (path.name, path.read_bytes(), "image/png"))
+
+
+def expected(classifier, path: Path) -> dict:
+    with Image.open(path) as im:
+        return classifier.classify([im])[0]
+
+
+def same_answer(body: dict, want: dict) -> None:
+    assert body["label"] == want["label"]
+    assert set(body["probabilities"]) == set(want["probabilities"])
+    for c, prob in want["probabilities"].items():
+        assert body["probabilities"][c] == pytest.approx(prob, abs=1e-5)
+
+
+def test_classify_matches_the_in_process_model(served, classifier, images):
+    for path in images[:5]:
+        r = httpx.post(f"{served}/classify", files=[upload(path)], timeout=30)
         assert r.status_code == 200, r.text
-        body = r.json()
-        with Image.open(path) as im:
-            expected = classifier.classify([im])[0]
-        assert body["label"] == expected["label"]
-        assert set(body["probabilities"]) == set(classifier.classes)
-        assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
-        for c, prob in expected["probabilities"].items():
-            assert body["probabilities"][c] == pytest.approx(prob, abs=1e-5)
+        same_answer(r.json(), expected(classifier, path))
 
 
-@pytest.mark.parametrize("payload, problem", [
-    (b"this is not an image", "not an image format"),
-    (b"", "empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x08", "truncated or damaged"),
+def test_classify_batch_answers_each_image_in_order(served, classifier, images):
+    picked = images[:7]
+    r = httpx.post(f"{served}/classify_batch", files=[upload(p, "images") for p in picked], timeout=60)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == len(picked)
+    for body, path in zip(results, picked):
+        same_answer(body, expected(classifier, path))
+
+
+def test_64_concurrent_requests_all_get_the_in_process_answer(served, classifier, images):
+    async def fire():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{served}/classify", files=[upload(p)]) for p in images])
+
+    responses = asyncio.run(fire())
+    assert len(responses) == 64
+    for r, path in zip(responses, images):
+        assert r.status_code == 200, r.text
+        same_answer(r.json(), expected(classifier, path))
+
+
+def test_served_preprocessing_is_prepares(served, digits_project, images):
+    """keep_fraction=1 samples nothing: every tile is the image exactly as tokenised by the server."""
+    spec = PreprocessSpec.load(digits_project / "data/prepared")
+    path = images[3]
+    r = httpx.post(f"{served}/complete", files=[upload(path)], data={"keep_fraction": "1.0", "n": "2"}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    grid = np.asarray(Image.open(io.BytesIO(r.content)))
+    scale = max(1, 64 // spec.image_size)
+    with Image.open(path) as im:
+        ours = tokens_to_image(image_to_tokens(im, spec), spec)[..., 0]
+    first_tile = grid[:spec.image_size * scale:scale, :spec.image_size * scale:scale]
+    assert np.array_equal(first_tile, ours)
+
+
+def test_completions_are_seeded(served, images):
+    def complete(seed):
+        r = httpx.post(f"{served}/complete", files=[upload(images[0])],
+                       data={"keep_fraction": "0.5", "n": "3", "seed": str(seed), "top_k": "4"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.content
+
+    assert complete(1) == complete(1)
+    assert complete(1) != complete(2)
+
+
+def test_metadata_says_which_model_answers(served, digits_project):
+    r = httpx.get(f"{served}/metadata", timeout=10)
+    assert r.status_code == 200
+    meta = r.json()
+    assert meta["model"] == json.loads((digits_project / "reports/package.json").read_text())["model_tag"]
+    assert meta["classes"] == [str(d) for d in range(10)]
+    assert meta["image_size"] == 8 and meta["palette_size"] == 8
+    assert meta["metrics"]["accuracy"] == json.loads((digits_project / "metrics/evaluate.json").read_text())["accuracy"]
+    assert meta["params"]["model"]["n_layer"] == 2
+    assert meta["git_commit"] and meta["data_hash"] not in (None, "unknown")
+
+
+def test_openapi_documents_every_endpoint(served):
+    spec = httpx.get(f"{served}/docs.json", timeout=10).json()
+    for path in ("/classify", "/classify_batch", "/complete", "/metadata"):
+        assert path in spec["paths"], path
+    assert httpx.get(f"{served}/", timeout=10).status_code == 200  # the Swagger UI
+
+
+@pytest.mark.parametrize("endpoint, files, data, headers, status, problem", [
+    ("classify", [("image", ("x.png", b"", "image/png"))], {}, {}, 400, "empty"),
+    ("classify", [("image", ("x.png", b"this is not an image", "image/png"))], {}, {}, 400, "not_an_image"),
+    ("classify", [("image", ("x.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "image/png"))], {}, {}, 400,
+     "truncated or damaged"),
+    ("classify", [("img", ("x.png", b"\x89PNG\r\n\x1a\n\x00binary\xff\xfe", "image/png"))], {}, {}, 400,
+     "unexpected form field 'img'"),
+    ("classify", None, {"image": "hello"}, {}, 400, "must be a file upload"),
+    ("classify", None, None, {"content-type": "application/json"}, 400, "image"),
+    ("classify", None, None, {"content-type": "multipart/form-data; boundary=zz"}, 400, "malformed multipart"),
+    ("classify", None, None, {}, 400, "image"),
+    ("classify", [("image", ("big.png", b"\0" * (MAX_BYTES + 1), "image/png"))], {}, {}, 413, "payload_too_large"),
+    ("complete", "IMAGE", {"keep_fraction": "7"}, {}, 400, "keep_fraction"),
+    ("complete", "IMAGE", {"n": "1000000"}, {}, 400, '["n"]'),
+    ("complete", "IMAGE", {"temperature": "0"}, {}, 400, "temperature"),
+    ("complete", "IMAGE", {"top_k": "-1"}, {}, 400, "top_k"),
+    ("complete", "IMAGE", {"seed": "abc"}, {}, 400, "seed"),
+    ("classify_batch", "MANY", {}, {}, 400, "too_many_images"),
 ])
-def test_a_bad_upload_is_a_400_that_names_the_problem(served, payload, problem):
-    r = httpx.post(f"{served}/classify", files={"image": ("x.png", payload, "image/png")}, timeout=30)
-    assert r.status_code == 400, r.text
+def test_bad_requests_get_a_4xx_json_error_naming_the_problem(served, images, endpoint, files, data, headers,
+                                                                status, problem):
+    if files == "IMAGE":
+        files = [upload(images[0])]
+    elif files == "MANY":
+        files = [upload(images[0], "images")] * 65
+    kwargs = {"files": files, "data": data, "headers": headers}
+    if headers.get("content-type") == "application/json":
+        kwargs = {"content": b'{"image": "x.png"}', "headers": headers}
+    elif headers.get("content-type", "").startswith("multipart"):
+        kwargs = {"content": b"junk", "headers": headers}
+    r = httpx.post(f"{served}/{endpoint}", timeout=60, **{k: v for k, v in kwargs.items() if v is not None})
+    assert r.status_code == status, r.text
     assert problem in r.text
+    assert isinstance(r.json(), dict) and "error" in r.json()
+    # Never a crashed worker: the next good request still works.
+    ok = httpx.post(f"{served}/classify", files=[upload(images[0])], timeout=30)
+    assert ok.status_code == 200
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(served):
+    buf = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buf, format="PNG")  # 64 Mpx, compresses to a few kB
+    r = httpx.post(f"{served}/classify", files=[("image", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
+    assert r.status_code == 400 and "too_large" in r.text
+
+
+def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(digits_project, tmp_path, images):
+    bento = json.loads((digits_project / "reports/package.json").read_text())
+    proc, url = start_server([bento["bento_tag"]], tmp_path, {"TGM_API_KEY": "s3cret"})
+    try:
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200  # health checks need no key
+        assert httpx.get(f"{url}/metadata", timeout=10).status_code == 401
+        wrong = httpx.post(f"{url}/classify", files=[upload(images[0])], timeout=30,
+                           headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+        key = {"Authorization": "Bearer s3cret"}
+        meta = httpx.get(f"{url}/metadata", headers=key, timeout=10)
+        assert meta.status_code == 200 and meta.json()["model"] == bento["model_tag"]
+        r = httpx.post(f"{url}/classify", files=[upload(images[0])], headers=key, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        stop(proc)

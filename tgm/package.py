@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -62,9 +61,9 @@ def package(params: Params, params_path: str = "params.yaml", classifier_dir: st
     log.info("package: saved %s", model_ref.tag)
     result = {"model_tag": str(model_ref.tag), "bento_tag": None}
     if params.package.build_bento:
-        # Pin the Bento to the model version just saved, not whatever is "latest" when it is served.
-        os.environ["TGM_MODEL"] = str(model_ref.tag)
-        bento = bentoml.bentos.build_bentofile("bentofile.yaml", build_ctx=".")
+        # Pin the Bento to the model version just saved, not whatever is "latest" when it is served: a Bento
+        # argument is stored in bento.yaml and restored before the service is imported at serve time.
+        bento = bentoml.bentos.build_bentofile("bentofile.yaml", build_ctx=".", args={"model": str(model_ref.tag)})
         result["bento_tag"] = str(bento.tag)
         log.info("package: built Bento %s", bento.tag)
     write_json(report_path, result)

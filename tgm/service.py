@@ -1,35 +1,223 @@
-"""The BentoML service: one class, the model loaded once, each API a typed method.
+"""The BentoML service: a front that speaks HTTP and a model service that batches.
 
-`bentoml serve` in the project root serves the newest `tgm-classifier` in the local model store; a built
-Bento pins the exact model version it was built with (TGM_MODEL is set by `tgm package` at build time).
+- TGMClassifier (the front, the Bento's entry service): decodes and checks uploads, turns images into tokens
+  with the same function `prepare` used, answers /classify, /classify_batch, /complete and GET /metadata.
+- TGMModel (its dependency, its own process under `bentoml serve`): the torch work. Its batchable
+  predict_proba gathers the tokens of concurrent requests into one forward pass (adaptive batching: at most
+  TGM_MAX_BATCH_SIZE images, waiting at most TGM_MAX_LATENCY_MS).
+
+Which model: a built Bento serves the version it was built with (a Bento argument set by `tgm package`);
+`bentoml serve` in the project root serves TGM_MODEL or the newest `tgm-classifier`.
+
+Limits (environment, read at start): TGM_MAX_REQUEST_BYTES (default 10 MiB), TGM_MAX_PIXELS (decompression
+bombs, default 40 Mpx), TGM_MAX_IMAGES (per /classify_batch, default 64), TGM_MAX_SAMPLES (per /complete,
+default 16), TGM_TORCH_THREADS. Every client mistake is a 4xx with a JSON body naming the problem.
+With TGM_API_KEY set, every endpoint but the health checks needs `Authorization: Bearer <key>`.
 """
 from __future__ import annotations
 
 import os
+import typing as t
 from pathlib import Path
 
+import anyio.to_thread
 import bentoml
-from bentoml.exceptions import InvalidArgument
+import numpy as np
+from bentoml.validators import ContentType
+from fastapi import FastAPI
+from PIL import Image
+from pydantic import Field
+from starlette.responses import JSONResponse
 
+from tgm.http_guards import LimitsAndAuth, strict_multipart
 from tgm.images import InvalidImage, open_image
-from tgm.inference import Classifier
+from tgm.model import load_config
+from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
 
-MODEL = os.environ.get("TGM_MODEL", "tgm-classifier:latest")
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise SystemExit(f"{name}={value!r} is not an integer") from None
 
 
-@bentoml.service(traffic={"timeout": 60})
-class TGMClassifier:
+MODEL = getattr(bentoml.use_arguments(), "model", None) or os.environ.get("TGM_MODEL", "tgm-classifier:latest")
+MAX_BATCH_SIZE = _env_int("TGM_MAX_BATCH_SIZE", 32)
+MAX_LATENCY_MS = _env_int("TGM_MAX_LATENCY_MS", 5000)
+MAX_REQUEST_BYTES = _env_int("TGM_MAX_REQUEST_BYTES", 10 * 1024 * 1024)
+MAX_PIXELS = _env_int("TGM_MAX_PIXELS", 40_000_000)
+MAX_IMAGES = _env_int("TGM_MAX_IMAGES", 64)
+MAX_SAMPLES = _env_int("TGM_MAX_SAMPLES", 16)
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+
+strict_multipart()
+
+
+class BadRequest(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.reason, "detail": self.detail}, status_code=400)
+
+
+def decode(path: Path, field: str) -> Image.Image:
+    """Open an upload in full, or raise BadRequest naming the field and what is wrong with it."""
+    try:
+        image = open_image(path, max_pixels=MAX_PIXELS)
+    except InvalidImage as exc:
+        raise BadRequest(exc.reason, f"{field}: {exc}") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise BadRequest("format_not_accepted",
+                         f"{field}: {image.format} images are not accepted (send {', '.join(ACCEPTED_FORMATS)})")
+    return image
+
+
+@bentoml.service(workers=1, threads=1, traffic={"timeout": 120})
+class TGMModel:
     bento_model = bentoml.models.BentoModel(MODEL)
 
     def __init__(self) -> None:
-        self.classifier = Classifier(self.bento_model.path)
+        import torch
+
+        from tgm.model import load_model
+
+        torch.set_num_threads(_env_int("TGM_TORCH_THREADS", torch.get_num_threads()))
+        self.model = load_model(self.bento_model.path).eval()
+
+    @bentoml.api(batchable=True, max_batch_size=max(2, MAX_BATCH_SIZE), max_latency_ms=MAX_LATENCY_MS)
+    def predict_proba(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, T) palette tokens -> (N, n_classes) class probabilities."""
+        from tgm.inference import predict_proba
+
+        return predict_proba(self.model, tokens)
 
     @bentoml.api
-    def classify(self, image: Path) -> dict:
-        """Classify one image file (multipart field `image`): the label and each class's probability."""
-        # The upload arrives as a file and is decoded here, so a bad file is a 400 naming the problem.
+    def sample(self, prefix: np.ndarray, n: int, seed: int, temperature: float, top_k: int) -> np.ndarray:
+        """n completions (n, T) of one token prefix (P,), sampled with the KV cache."""
+        import torch
+
+        batch = torch.from_numpy(np.repeat(prefix[None, :], n, axis=0).astype(np.int64))
+        gen = torch.Generator().manual_seed(seed)
+        return self.model.complete(batch, gen, temperature=temperature, top_k=top_k).numpy()
+
+
+http = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # BentoML's own docs: / and /docs.json
+
+
+@bentoml.service(workers=1, traffic={"timeout": 120})
+@bentoml.asgi_app(http, path="/")
+class TGMClassifier:
+    model = bentoml.depends(TGMModel)
+    bento_model = bentoml.models.BentoModel(MODEL)
+
+    def __init__(self) -> None:
+        path = self.bento_model.path
+        self.spec = PreprocessSpec.load(path)
+        self.classes: list[str] = load_config(path)["classes"]
+        info = self.bento_model.info.metadata or {}
+        self.about = {
+            "model": str(self.bento_model.tag), "classes": self.classes, "image_size": self.spec.image_size,
+            "palette_size": self.spec.palette_size, "color_mode": self.spec.color_mode,
+            "metrics": info.get("metrics"), "params": info.get("params"), "git_commit": info.get("git_commit"),
+            "data_hash": info.get("data_hash"),
+            "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_pixels": MAX_PIXELS, "max_images": MAX_IMAGES,
+                       "max_samples": MAX_SAMPLES, "accepted_formats": list(ACCEPTED_FORMATS)},
+            "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
+        }
+
+    async def _predict(self, tokens: np.ndarray) -> np.ndarray:
+        # Under bursts the connection to the model service is sometimes dropped before it answers (aiohttp
+        # "Server disconnected", seen at 32 concurrent clients); a prediction has no side effects, so retry.
+        import aiohttp
+
+        for attempt in range(3):
+            try:
+                return await self.model.to_async.predict_proba(tokens)
+            except aiohttp.ClientConnectionError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _tokens(self, path: Path, field: str) -> np.ndarray:
+        image = await anyio.to_thread.run_sync(decode, path, field)  # decoding is CPU work: off the event loop
+        return image_to_tokens(image, self.spec)
+
+    def _answer(self, probs: np.ndarray) -> dict:
+        return {"label": self.classes[int(probs.argmax())], "model": self.about["model"],
+                "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
+
+    @http.get("/metadata")
+    def metadata(self) -> dict:
+        """Which model answers: tag, classes, image and palette size, metrics, params, git commit, data hash."""
+        return self.about
+
+    @bentoml.api
+    async def classify(self, image: Path) -> dict:
+        """Classify one image (multipart field `image`): its label and every class's probability.
+
+        Concurrent requests are batched into one forward pass. Example:
+        `curl -F image=@digit.png http://localhost:3000/classify`"""
         try:
-            img = open_image(image)
-        except InvalidImage as exc:
-            raise InvalidArgument(f"image: {exc}") from None
-        return self.classifier.classify([img])[0]
+            tokens = await self._tokens(image, "image")
+        except BadRequest as exc:
+            return exc.response()
+        probs = await self._predict(tokens[None, :])
+        return self._answer(probs[0])
+
+    @bentoml.api
+    async def classify_batch(self, images: list[Path]) -> dict:
+        """Classify several images in one request (repeat the multipart field `images`, at most TGM_MAX_IMAGES).
+
+        Example: `curl -F images=@a.png -F images=@b.png http://localhost:3000/classify_batch`"""
+        if not 1 <= len(images) <= MAX_IMAGES:
+            return BadRequest("too_many_images", f"images: send 1 to {MAX_IMAGES} files, got {len(images)}").response()
+        try:
+            tokens = np.stack([await self._tokens(p, f"images[{i}]") for i, p in enumerate(images)])
+        except BadRequest as exc:
+            return exc.response()
+        probs = await self._predict(tokens)
+        return {"results": [self._answer(p) for p in probs]}
+
+    @bentoml.api
+    async def complete(
+        self,
+        image: Path,
+        keep_fraction: t.Annotated[float, Field(ge=0.0, le=1.0, description="share of the rows kept from the top",
+                                                json_schema_extra={"example": 0.5})] = 0.5,
+        n: t.Annotated[int, Field(ge=1, le=MAX_SAMPLES, description="completions to sample",
+                                  json_schema_extra={"example": 4})] = 4,
+        seed: t.Annotated[int, Field(ge=0, le=2**63 - 1, json_schema_extra={"example": 0})] = 0,
+        temperature: t.Annotated[float, Field(ge=0.01, le=10.0, json_schema_extra={"example": 1.0})] = 1.0,
+        top_k: t.Annotated[int, Field(ge=0, le=4096, description="0: the whole palette",
+                                      json_schema_extra={"example": 0})] = 0,
+    ) -> t.Annotated[Image.Image, ContentType("image/png")]:
+        """Keep the top `keep_fraction` of the image's rows and let the model sample the rest, `n` times.
+
+        Returns a PNG: the original (as the model sees it), the kept part, then the n completions, side by side,
+        one-pixel white gaps between them, each pixel enlarged to a square of 64 // image_size pixels.
+        Example: `curl -F image=@digit.png -F keep_fraction=0.5 -F n=4 http://localhost:3000/complete -o out.png`"""
+        try:
+            tokens = await self._tokens(image, "image")
+        except BadRequest as exc:
+            return exc.response()
+        size = self.spec.image_size
+        keep = round(keep_fraction * size) * size  # whole rows
+        samples = await self.model.to_async.sample(tokens[:keep], n=n, seed=seed, temperature=temperature,
+                                                   top_k=top_k)
+        kept = tokens_to_image(tokens, self.spec).copy()
+        kept[keep // size:] = 128
+        tiles = [tokens_to_image(tokens, self.spec), kept] + [tokens_to_image(s, self.spec) for s in samples]
+        gap = np.full((size, 1, tiles[0].shape[2]), 255, dtype=np.uint8)
+        row = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
+        grid = Image.fromarray(row.squeeze(-1) if row.shape[2] == 1 else row)
+        scale = max(1, 64 // size)  # small images stay visible; nearest keeps the pixels exact
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        grid.format = "PNG"  # BentoML writes a returned image in its own format
+        return grid
+
+
+TGMClassifier.add_asgi_middleware(LimitsAndAuth, max_bytes=MAX_REQUEST_BYTES)
