@@ -134,17 +134,16 @@ class TGMClassifier:
         # "Server disconnected", seen at 32 concurrent clients); a prediction has no side effects, so retry.
         import aiohttp
 
-        for attempt in range(3):
+        for _ in range(2):
             try:
                 return await self.model.to_async.predict_proba(tokens)
             except aiohttp.ClientConnectionError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                pass
+        return await self.model.to_async.predict_proba(tokens)
 
     async def _tokens(self, path: Path, field: str) -> np.ndarray:
-        image = await anyio.to_thread.run_sync(decode, path, field)  # decoding is CPU work: off the event loop
-        return image_to_tokens(image, self.spec)
+        # Decoding and quantising are CPU work: off the event loop, which keeps accepting requests meanwhile.
+        return await anyio.to_thread.run_sync(lambda: image_to_tokens(decode(path, field), self.spec))
 
     def _answer(self, probs: np.ndarray) -> dict:
         return {"label": self.classes[int(probs.argmax())], "model": self.about["model"],
