@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from tgm.orchestrate import reproduce_stage, stage_names
+from tgm.orchestrate import reproduce_stage, stage_names, workspace_lock
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
@@ -21,10 +21,15 @@ def run_stage(stage: str, workdir: str) -> dict:
 
 
 @flow(name="tgm-pipeline", log_prints=True)
-def pipeline(workdir: str = ".", stages: list[str] | None = None) -> list[dict]:
-    """Reproduce the stages of dvc.yaml in order; a failing stage (the gate, say) fails the flow."""
+def pipeline(workdir: str = ".", stages: list[str] | None = None, wait_for_workspace_s: float = 0.0) -> list[dict]:
+    """Reproduce the stages of dvc.yaml in order; a failing stage (the gate, say) fails the flow.
+
+    One run at a time per workspace: a second run waits up to `wait_for_workspace_s`, then fails saying
+    which run holds the workspace.
+    """
     workdir = str(Path(workdir).resolve())
-    return [run_stage(stage, workdir) for stage in (stages or stage_names(workdir))]
+    with workspace_lock(workdir, wait_s=wait_for_workspace_s):
+        return [run_stage(stage, workdir) for stage in (stages or stage_names(workdir))]
 
 
 if __name__ == "__main__":

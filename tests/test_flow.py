@@ -1,10 +1,15 @@
 """The Prefect flow runs each stage through DVC, so it agrees with `dvc repro`, and fails when the gate does."""
+import os
+import threading
+import time
+
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from conftest import run
 from flows.pipeline import pipeline
+from tgm.orchestrate import WorkspaceBusy, workspace_lock
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +52,33 @@ def test_a_failing_gate_fails_the_flow_and_says_why(prefect_server, digits_proje
     finally:
         set_param(digits_project, "gate", "min_accuracy", old)
         run(["dvc", "repro"], digits_project, timeout=600)
+
+
+def test_a_second_run_in_a_busy_workspace_is_refused_with_a_clear_message(prefect_server, digits_project):
+    with workspace_lock(digits_project):
+        state = pipeline(workdir=str(digits_project), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "is busy" in message and f"pid {os.getpid()}" in message
+    # Released: the next run goes ahead (nothing is stale, so it only asks DVC).
+    assert [r["ran"] for r in pipeline(workdir=str(digits_project), stages=["ingest"])] == [[]]
+
+
+def test_the_workspace_lock_waits_for_its_holder(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    release = threading.Event()
+
+    def hold():
+        with workspace_lock(tmp_path):
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.3)
+    with pytest.raises(WorkspaceBusy):
+        with workspace_lock(tmp_path, wait_s=0.2, poll_s=0.05):
+            pass
+    threading.Timer(0.5, release.set).start()
+    with workspace_lock(tmp_path, wait_s=10, poll_s=0.05):
+        pass  # got it once the holder let go
+    holder.join()

@@ -1,6 +1,7 @@
 """Running DVC stages from other front doors (the Prefect flow), so that they and `dvc repro` never disagree."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -63,3 +64,47 @@ def reproduce_stage(stage: str, workdir: str | Path = ".",
         tail = "\n".join(lines[-20:])
         raise StageFailed(f"dvc repro {stage} failed (exit {proc.returncode}):\n{tail}")
     return StageRun(stage=stage, ran=_RAN.findall(output), skipped=_SKIPPED.findall(output), output=output)
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
+
+
+@contextlib.contextmanager
+def workspace_lock(workdir: str | Path, wait_s: float = 0.0, poll_s: float = 1.0):
+    """Hold an exclusive lock on the workspace while a pipeline run reproduces it.
+
+    Two runs of `dvc repro` in one workspace would fail one of them at a random stage on DVC's own lock; with
+    this lock the second run waits up to `wait_s` seconds, then stops before touching anything, saying who
+    holds the workspace. The lock is an flock on .dvc/tmp/tgm-pipeline.lock: the kernel drops it when its
+    holder dies, so a crashed run never leaves the workspace locked.
+    """
+    import fcntl
+    import time
+
+    path = Path(workdir) / ".dvc" / "tmp" / "tgm-pipeline.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    raise WorkspaceBusy(f"workspace {Path(workdir).resolve()} is busy: {holder} is reproducing it; "
+                                        f"waited {wait_s:.0f} s (raise the wait, or try again when it finishes)") \
+                        from None
+                time.sleep(poll_s)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pipeline run pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
