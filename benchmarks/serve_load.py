@@ -14,11 +14,8 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+
+from tgm import local_server  # noqa: E402
 
 
 def ceiling(model_dir: Path, paths: list[Path], batch: int, seconds: float = 3.0) -> float:
@@ -40,27 +39,6 @@ def ceiling(model_dir: Path, paths: list[Path], batch: int, seconds: float = 3.0
             predict_proba(clf.model, tokens)
             done += len(tokens)
     return done / (time.perf_counter() - start)
-
-
-def serve(model: str, root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    log = Path(tempfile.gettempdir()) / f"tgm-serve-load-{port}.log"
-    print(f"server log: {log}")
-    proc = subprocess.Popen([bentoml, "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=root,
-                            env={**os.environ, "TGM_MODEL": model}, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit("serve_load: bentoml serve did not become ready in 120 s")
 
 
 async def load(url: str, payloads: list[bytes], concurrency: int) -> dict:
@@ -107,14 +85,14 @@ def main() -> None:
     payloads = [paths[i % len(paths)].read_bytes() for i in range(args.requests)]
     best = ceiling(Path(ref.path), paths, int(os.environ.get("TGM_MAX_BATCH_SIZE", "32")))
     print(f"model {ref.tag}; {args.requests} requests per level; in-process batched ceiling {best:,.0f} images/s")
-    proc, url = serve(str(ref.tag), root)
+    proc, url, log = local_server.start([], root, {"TGM_MODEL": str(ref.tag)})
+    print(f"server log: {log}")
     rows = []
     try:
         for c in (int(x) for x in args.concurrency.split(",")):
             rows.append(asyncio.run(load(url, payloads, c)))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        local_server.stop(proc)
     print(f"{'conc':>5}{'images/s':>10}{'of ceiling':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
         print(f"{r['concurrency']:>5}{r['images_per_s']:>10.1f}{r['images_per_s'] / best:>12.1%}{r['p50_ms']:>9.1f}"

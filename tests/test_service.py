@@ -3,12 +3,6 @@ JSON errors, and, with TGM_API_KEY set, only talks to callers that hold the key.
 import asyncio
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -16,54 +10,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tgm import local_server
 from tgm.inference import Classifier
 from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
 
 pytestmark = pytest.mark.slow
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
 MAX_BYTES = 200_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(target: list[str], cwd: Path, env: dict):
-    port = free_port()
-    # The server's log goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
-    log = Path(tempfile.gettempdir()) / f"tgm-bentoml-serve-{port}.log"
-    proc = subprocess.Popen([BENTOML, "serve", *target, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd,
-                            env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"bentoml serve exited early:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("bentoml serve did not become ready within 120 s")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    proc, url, _ = local_server.start(target, cwd, env)
+    return proc, url
 
 
 @pytest.fixture(scope="module")
 def served(digits_project):
     proc, url = start_server([], digits_project, {"TGM_MAX_REQUEST_BYTES": str(MAX_BYTES)})
     yield url
-    stop(proc)
+    local_server.stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -226,4 +190,4 @@ def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(dig
         r = httpx.post(f"{url}/classify", files=[upload(images[0])], headers=key, timeout=30)
         assert r.status_code == 200, r.text
     finally:
-        stop(proc)
+        local_server.stop(proc)
