@@ -70,6 +70,15 @@ def make_project(dest: Path, overrides: dict) -> Path:
     return dest
 
 
+def set_param(project: Path, group: str, key: str, value):
+    """Set params.yaml's group.key in `project`; returns the old value."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    old = params[group].get(key)
+    params[group][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return old
+
+
 def commit_all(project: Path, message: str) -> None:
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "--allow-empty", "-m", message], project)

@@ -33,8 +33,10 @@ STAGES = {
     "evaluate": """Score the classifier on the test split: metrics/evaluate.json (accuracy, macro-F1,
         per-class recall, test bits per pixel, an RBF-SVM reference), plots/confusion.csv and
         plots/completions.png (top halves given, bottom halves sampled by the pretrained model).""",
-    "gate": """Check the evaluation metrics against the gate.* thresholds; write reports/gate.json and exit
-        non-zero naming each failed check, so that package does not run.""",
+    "gate": """Check the evaluation metrics against the gate.* floors and against the champion (the model
+        the newest Bento serves, metrics from its BentoML metadata; worse by more than gate.max_regression
+        fails); write reports/gate.json and exit non-zero naming each failed check, so that package does
+        not run.""",
     "package": """Save the gated classifier to the BentoML model store (package.model_name) with its
         metrics, params, git commit and data hash as metadata, build a Bento from bentofile.yaml and
         write reports/package.json.""",
@@ -71,7 +73,7 @@ def run_stage(stage: str, params_path: str) -> None:
         evaluate(p.evaluate)
     elif stage == "gate":
         from tgm.gate import gate
-        gate(p.gate)
+        gate(p.gate, model_name=p.package.model_name)
     elif stage == "package":
         from tgm.package import package
         package(p, params_path=params_path)

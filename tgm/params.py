@@ -200,10 +200,13 @@ class EvaluateParams:
 class GateParams:
     min_accuracy: float = 0.9
     min_macro_f1: float = 0.9
+    max_regression: float | None = 0.01  # None: no comparison with the champion
 
     def check(self) -> None:
         _fraction("gate.min_accuracy", self.min_accuracy)
         _fraction("gate.min_macro_f1", self.min_macro_f1)
+        if self.max_regression is not None:
+            _fraction("gate.max_regression", self.max_regression)
 
 
 @dataclass(frozen=True)
@@ -313,8 +316,13 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
         return value
-    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional params yet
-        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args and len(args) == 2:
+            if value is None:
+                return None
+            return _coerce(key, next(a for a in args if a is not type(None)), value)
+        raise TypeError(f"params: no rule for {key} of type {hint}")
     raise TypeError(f"params: no rule for {key} of type {hint}")  # a programming error, not a user one
 
 
