@@ -1,39 +1,175 @@
 """Prefect flow over the DVC pipeline: each stage is a task that asks DVC to reproduce it.
 
-    python -m flows.pipeline            # run once, in the current directory
+    python -m flows.pipeline                                  # run once, here
+    python -m flows.pipeline run -S finetune.lr=0.001 --push  # with overrides, then `dvc push`
+    python -m flows.pipeline serve --cron "0 3 * * *"         # a deployment with a cron schedule
+
+DVC stays the judge of what is out of date: a stage runs through `dvc repro <stage>`, and one that
+`dvc status` says is current is skipped without starting DVC again. Every run is saved as a DVC experiment
+named after the flow run (`dvc exp show`), and leaves artifacts in the Prefect UI: the stages, the
+evaluation metrics next to the last commit's, the validation summary, the gate decision, the packaged tags.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 
-from tgm.orchestrate import reproduce_stage, stage_names, workspace_lock
+from flows import artifacts
+from tgm.orchestrate import (StageFailed, metrics_diff, overridden_params, parse_overrides, reproduce_stage,
+                             save_experiment, stage_names, stale_stages, workspace_lock)
+from tgm.orchestrate import push as dvc_push
+
+# A crashed or killed pretrain/finetune resumes from its last checkpoint, so a retry loses little.
+RETRIES = {"pretrain": 2, "finetune": 2}
 
 
-@task(name="dvc-repro", retries=1, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
-def run_stage(stage: str, workdir: str) -> dict:
+class PipelineStopped(RuntimeError):
+    """A stage refused to go on (bad data, the gate, bad params) or kept failing; the message says why."""
+
+
+def _retry_unless_refused(task, task_run, state) -> bool:
+    # A deliberate refusal (`tgm <stage>: error: ...`) would say the same again; a crash might not.
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.refusal is None
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_refused,
+      task_run_name="dvc repro {stage}")
+def run_stage(stage: str, workdir: str, up_to_date: bool = False) -> dict:
     logger = get_run_logger()
+    if up_to_date:
+        logger.info("stage %s: up to date (dvc status), skipped", stage)
+        return {"stage": stage, "ran": [], "skipped": [stage]}
     result = reproduce_stage(stage, workdir, on_line=logger.info)
     logger.info("stage %s: %s", stage, "ran" if result.executed else "up to date, skipped")
     return {"stage": stage, "ran": result.ran, "skipped": result.skipped}
 
 
-@flow(name="tgm-pipeline", log_prints=True)
-def pipeline(workdir: str = ".", stages: list[str] | None = None, wait_for_workspace_s: float = 0.0) -> list[dict]:
-    """Reproduce the stages of dvc.yaml in order; a failing stage (the gate, say) fails the flow.
+@task(task_run_name="dvc exp save {name}")
+def record_experiment(workdir: str, name: str, stages: list[str], message: str) -> str:
+    return save_experiment(workdir, name, message, stages=stages)
 
-    One run at a time per workspace: a second run waits up to `wait_for_workspace_s`, then fails saying
-    which run holds the workspace.
+
+@task(retries=2, retry_delay_seconds=10, task_run_name="dvc push")
+def push_outputs(workdir: str, remote: str | None) -> str:
+    return dvc_push(workdir, remote, on_line=get_run_logger().info)
+
+
+def experiment_name() -> str:
+    # Git ref names: keep it to letters, digits, '-', '_' and '.'.
+    name = flow_run.get_name() or time.strftime("%Y%m%d-%H%M%S")
+    return "prefect-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+
+
+@flow(name="tgm-pipeline", log_prints=True)
+def pipeline(workdir: str = ".", source: str | None = None, overrides: list[str] | None = None,
+             push: bool = False, remote: str | None = None, stages: list[str] | None = None,
+             experiment: bool = True, wait_for_workspace_s: float = 0.0) -> dict:
+    """Reproduce the stages of dvc.yaml in order, record the run as a DVC experiment, optionally `dvc push`.
+
+    Args:
+        workdir: the DVC project (a git repository, for experiments).
+        source: data source for this run, e.g. `folder:data/sources/pets` (sets ingest.source).
+        overrides: `group.key=value` params for this run only, as `dvc exp run -S` takes them; params.yaml is
+            put back afterwards (the experiment keeps them).
+        push: `dvc push` the outputs when the run succeeds, to `remote` or the default remote.
+        stages: a subset of the stages (default: all, in dvc.yaml order).
+        experiment: save the run as DVC experiment `prefect-<flow run name>`.
+        wait_for_workspace_s: how long to wait for another run holding the workspace before failing.
     """
+    logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
-    with workspace_lock(workdir, wait_s=wait_for_workspace_s):
-        return [run_stage(stage, workdir) for stage in (stages or stage_names(workdir))]
+    sets = parse_overrides(list(overrides or []) + ([f"ingest.source={source}"] if source else []))
+    results: list[dict] = []
+    failure: StageFailed | None = None
+    exp_name = None
+    with workspace_lock(workdir, wait_s=wait_for_workspace_s), overridden_params(workdir, sets):
+        if sets:
+            logger.info("params for this run: %s", ", ".join(f"{k}={v!r}" for k, v in sets.items()))
+        stale = stale_stages(workdir)
+        upstream_ran = False
+        for stage in stages or stage_names(workdir):
+            try:
+                result = run_stage.with_options(retries=RETRIES.get(stage, 1))(
+                    stage, workdir, up_to_date=stage not in stale and not upstream_ran)
+            except StageFailed as exc:
+                failure = exc
+                break
+            upstream_ran = upstream_ran or bool(result["ran"])
+            results.append(result)
+
+        if experiment and results:
+            exp_name = experiment_name()
+            message = f"Prefect flow run {flow_run.get_name()}" + (f" ({failure.stage} failed)" if failure else "")
+            try:
+                record_experiment(workdir, exp_name, [r["stage"] for r in results], message)
+            except Exception as exc:  # a run without git still counts; say so rather than fail it
+                logger.warning("not recorded as a DVC experiment: %s", exc)
+                exp_name = None
+        ran = {s for r in results for s in r["ran"]}
+        markdown = artifacts.render(Path(workdir), results, (failure.stage, failure.reason) if failure else None,
+                                    exp_name, metrics_diff(workdir), ran)
+        artifacts.publish(markdown)
+
+    if failure is not None:
+        raise PipelineStopped(f"stage {failure.stage} stopped the pipeline: {failure.reason}")
+    pushed = push_outputs(workdir, remote) if push else None
+    return {"stages": results, "experiment": exp_name, "pushed": pushed}
+
+
+def serve(cron: str | None, interval: float | None, name: str, parameters: dict, limit: int | None) -> None:
+    """Serve the flow as a deployment with a schedule; runs happen in this process until it is stopped."""
+    pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters, limit=limit,
+                   description="T-GM: reproduce the DVC pipeline, gate and package; runs saved as DVC experiments")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    for command in ("run", "serve"):
+        p = sub.add_parser(command)
+        p.add_argument("--workdir", default=".", help="DVC project directory (default: .)")
+        p.add_argument("--source", help="data source, e.g. builtin:digits or folder:data/sources/NAME")
+        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="params override for the run(s), as `dvc exp run -S` (repeatable)")
+        p.add_argument("--push", action="store_true", help="`dvc push` after a successful run")
+        p.add_argument("--remote", help="DVC remote to push to (default: the default remote)")
+        p.add_argument("--no-experiment", dest="experiment", action="store_false",
+                       help="do not save the run as a DVC experiment")
+        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait this long for another run holding the workspace (default: fail at once)")
+    serve_p = sub.choices["serve"]
+    when = serve_p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
+    when.add_argument("--interval", type=float, help="schedule every this many seconds")
+    serve_p.add_argument("--name", default="tgm-scheduled", help="deployment name (default: tgm-scheduled)")
+    serve_p.add_argument("--limit", type=int, default=1,
+                         help="most concurrent runs this server starts (default: 1; the workspace lock still "
+                              "guards against runs from elsewhere)")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("run", "serve", "-h", "--help"):
+        argv = ["run", *argv]  # `python -m flows.pipeline [options]` means run
+    args = parser.parse_args(argv)
+    parameters = {"workdir": str(Path(args.workdir).resolve()), "source": args.source,
+                  "overrides": args.overrides, "push": args.push, "remote": args.remote,
+                  "experiment": args.experiment, "wait_for_workspace_s": args.wait}
+    parse_overrides(args.overrides)  # a malformed override fails here, not at 3 a.m.
+    if args.command == "serve":
+        serve(args.cron, args.interval, args.name, parameters, args.limit)
+    else:
+        pipeline(**parameters)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default=".", help="DVC project directory (default: .)")
-    args = parser.parse_args()
-    pipeline(workdir=args.workdir)
+    main()

@@ -20,38 +20,82 @@ def prefect_server():
         yield
 
 
-def set_param(project, group, key, value):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    old = params[group][key]
-    params[group][key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return old
+def artifacts_of(state) -> dict[str, str]:
+    """The markdown artifacts of a flow run, read back through the Prefect API: {key: markdown}."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            state.state_details.flow_run_id])))
+    return {a.key: a.data for a in found}
 
 
-def test_flow_reruns_only_what_dvc_says_is_stale(prefect_server, digits_project):
-    old = set_param(digits_project, "evaluate", "top_k", 3)
-    try:
-        results = pipeline(workdir=str(digits_project))
-    finally:
-        set_param(digits_project, "evaluate", "top_k", old)
-    by_stage = {r["stage"]: r for r in results}
+def experiments(project) -> dict[str, dict]:
+    """`dvc exp show --json`: experiment name -> its params and metrics."""
+    import json
+    out = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {}
+    for baseline in out:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name"):
+                    found[rev["name"]] = rev["data"]
+    return found
+
+
+def test_flow_runs_only_what_dvc_says_is_stale_and_records_an_experiment(prefect_server, digits_project):
+    before = (digits_project / "params.yaml").read_bytes()
+    state = pipeline(workdir=str(digits_project), overrides=["evaluate.top_k=3"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    by_stage = {r["stage"]: r for r in result["stages"]}
     assert list(by_stage) == ["ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study",
                               "evaluate", "gate", "package"]
     assert by_stage["evaluate"]["ran"] == ["evaluate"]
     for stage in ("ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study"):
-        assert by_stage[stage]["ran"] == [] and by_stage[stage]["skipped"], stage
+        assert by_stage[stage]["ran"] == [] and by_stage[stage]["skipped"] == [stage], stage
+    # The override held for the run only; the experiment keeps it.
+    assert (digits_project / "params.yaml").read_bytes() == before
+    name = result["experiment"]
+    assert name.startswith("prefect-") and state.name  # named after the flow run
+    exp = experiments(digits_project)[name]
+    assert exp["params"]["params.yaml"]["data"]["evaluate"]["top_k"] == 3
+    assert "accuracy" in exp["metrics"]["metrics/evaluate.json"]["data"]
+    diff = run(["dvc", "metrics", "diff", "HEAD", name, "--all", "--json"], digits_project).stdout
+    assert "metrics/evaluate.json" in diff
+
+    found = artifacts_of(state)
+    assert set(found) >= {"tgm-stages", "tgm-metrics", "tgm-validation", "tgm-gate", "tgm-package"}
+    assert "| evaluate | ran |" in found["tgm-stages"] and "| ingest | up to date, skipped |" in found["tgm-stages"]
+    assert "| accuracy |" in found["tgm-metrics"] and "dvc metrics diff HEAD" in found["tgm-metrics"]
+    assert "Validation passed" in found["tgm-validation"]
+    assert "| gate.min_accuracy | accuracy |" in found["tgm-gate"]
+    assert "tgm-classifier-service:" in found["tgm-package"]
     run(["dvc", "repro"], digits_project, timeout=600)
 
 
 def test_a_failing_gate_fails_the_flow_and_says_why(prefect_server, digits_project):
-    old = set_param(digits_project, "gate", "min_accuracy", 1.0)
+    lock_before = yaml.safe_load((digits_project / "dvc.lock").read_text())["stages"]["gate"]
+    state = pipeline(workdir=str(digits_project), overrides=["gate.min_accuracy=1.0"], return_state=True)
     try:
-        state = pipeline(workdir=str(digits_project), return_state=True)
         assert state.is_failed()
-        assert "gate failed" in state.message or "gate failed" in str(state.result(raise_on_failure=False))
+        assert "stage gate stopped the pipeline: gate failed: accuracy = " in state.message
+        assert "needs >= 1.0000" in state.message
+        found = artifacts_of(state)
+        assert "**FAIL**" in found["tgm-gate"] and "tgm-package" not in found
+        assert "| gate | **failed**: gate failed: accuracy" in found["tgm-stages"]
+        # The refusal is not retried, and not recorded as an up-to-date gate in dvc.lock.
+        assert yaml.safe_load((digits_project / "dvc.lock").read_text())["stages"]["gate"] == lock_before
     finally:
-        set_param(digits_project, "gate", "min_accuracy", old)
         run(["dvc", "repro"], digits_project, timeout=600)
+
+
+def test_a_bad_override_stops_the_flow_before_any_stage(prefect_server, digits_project):
+    state = pipeline(workdir=str(digits_project), overrides=["gate.min_accuracy=1.5"], return_state=True)
+    assert state.is_failed() and "gate.min_accuracy: 1.5 is not in [0, 1]" in state.message
+    state = pipeline(workdir=str(digits_project), overrides=["lr=0.1"], return_state=True)
+    assert state.is_failed() and "expected group.key=value" in state.message
 
 
 def test_a_second_run_in_a_busy_workspace_is_refused_with_a_clear_message(prefect_server, digits_project):
@@ -61,7 +105,8 @@ def test_a_second_run_in_a_busy_workspace_is_refused_with_a_clear_message(prefec
     message = str(state.result(raise_on_failure=False))
     assert "is busy" in message and f"pid {os.getpid()}" in message
     # Released: the next run goes ahead (nothing is stale, so it only asks DVC).
-    assert [r["ran"] for r in pipeline(workdir=str(digits_project), stages=["ingest"])] == [[]]
+    result = pipeline(workdir=str(digits_project), stages=["ingest"], experiment=False)
+    assert [r["ran"] for r in result["stages"]] == [[]]
 
 
 def test_the_workspace_lock_waits_for_its_holder(tmp_path):

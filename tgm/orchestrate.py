@@ -15,10 +15,35 @@ import yaml
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+_REFUSAL = re.compile(r"^tgm [\w-]+: error: (.*)$")
 
 
 class StageFailed(RuntimeError):
-    """`dvc repro` of a stage exited non-zero; the message carries the end of its output."""
+    """`dvc repro` of a stage exited non-zero.
+
+    `reason` is the stage's own error message when it refused deliberately (`tgm <stage>: error: ...`: the
+    gate, bad data, bad params - the same again on a retry), else the end of the output (a crash).
+    """
+
+    def __init__(self, stage: str, returncode: int, output_lines: list[str]):
+        self.stage, self.returncode = stage, returncode
+        self.refusal = refusal(output_lines)
+        self.reason = self.refusal or "\n".join(output_lines[-20:])
+        super().__init__(f"dvc repro {stage} failed (exit {returncode}): {self.reason}")
+
+
+def refusal(lines: list[str]) -> str | None:
+    """The `tgm <stage>: error: ...` message in a stage's output (with its continuation lines), if any."""
+    for i, line in enumerate(lines):
+        m = _REFUSAL.search(line)
+        if m:
+            rest = [m.group(1)]
+            for more in lines[i + 1:]:
+                if not more.startswith((" ", "\t")):
+                    break
+                rest.append(more.strip())
+            return "\n".join(rest)
+    return None
 
 
 @dataclass
@@ -61,8 +86,7 @@ def reproduce_stage(stage: str, workdir: str | Path = ".",
                 on_line(line)
     output = "\n".join(lines)
     if proc.returncode != 0:
-        tail = "\n".join(lines[-20:])
-        raise StageFailed(f"dvc repro {stage} failed (exit {proc.returncode}):\n{tail}")
+        raise StageFailed(stage, proc.returncode, lines)
     return StageRun(stage=stage, ran=_RAN.findall(output), skipped=_SKIPPED.findall(output), output=output)
 
 
@@ -108,3 +132,121 @@ def workspace_lock(workdir: str | Path, wait_s: float = 0.0, poll_s: float = 1.0
             f.seek(0)
             f.truncate()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class BadOverride(ValueError):
+    """A `key=value` parameter override that is malformed or that params.yaml's checks refuse."""
+
+
+def parse_overrides(sets: list[str]) -> dict[str, object]:
+    """`group.key=value` strings, as `dvc exp run -S` takes them; values are YAML (`0.1`, `true`, `[1, 2]`)."""
+    out: dict[str, object] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key.count(".") != 1 or not all(key.split(".")):
+            raise BadOverride(f"override {item!r}: expected group.key=value, e.g. finetune.lr=0.001")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise BadOverride(f"override {item!r}: the value is not valid YAML ({exc})") from None
+    return out
+
+
+@contextlib.contextmanager
+def overridden_params(workdir: str | Path, overrides: dict[str, object]):
+    """params.yaml with `overrides` applied for the duration of the block, then put back byte for byte.
+
+    The overridden file is checked like every stage checks it (unknown keys, types, ranges), so a bad override
+    stops the run before any stage starts. Comments and layout survive (DVC's round-trip YAML writer, the one
+    `dvc exp run -S` uses).
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    from tgm.params import ParamsError, parse_params
+
+    path = Path(workdir) / "params.yaml"
+    if not overrides:
+        yield
+        return
+    original = path.read_bytes()
+    raw = yaml.safe_load(original) or {}
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        if not isinstance(raw.get(group, {}), dict):
+            raise BadOverride(f"override {key}: params.yaml's {group} is not a group of parameters")
+        raw.setdefault(group, {})[name] = value
+    try:
+        parse_params(raw).check()
+    except ParamsError as exc:
+        raise BadOverride(f"override refused: {exc}") from None
+    try:
+        with modify_yaml(path) as doc:
+            for key, value in overrides.items():
+                group, name = key.split(".")
+                doc.setdefault(group, {})[name] = value
+        yield
+    finally:
+        tmp = path.with_name(".params.yaml.restore")
+        tmp.write_bytes(original)
+        os.replace(tmp, path)
+
+
+def stale_stages(workdir: str | Path) -> set[str]:
+    """The stages `dvc status` says are out of date (deps, params, outs or the command changed)."""
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        return {key.split(":")[-1] for key in repo.status()}
+
+
+def metrics_diff(workdir: str | Path, target: str = "metrics/evaluate.json", rev: str = "HEAD") -> dict:
+    """`dvc metrics diff <rev> --all` for one metrics file: {metric: {"old", "new", "diff"}}; {} without git."""
+    from dvc.repo import Repo
+    from dvc.scm import NoSCMError
+
+    with Repo(str(workdir)) as repo:
+        try:
+            if repo.scm.no_commits:
+                return {}
+        except NoSCMError:
+            return {}
+        # An absolute target: DVC's API resolves relative ones against the current directory, not the repo.
+        diff = repo.metrics.diff(a_rev=rev, all=True, targets=[str(Path(repo.root_dir) / target)])
+        return diff.get("diff", {}).get(target, {})
+
+
+def save_experiment(workdir: str | Path, name: str, message: str, stages: list[str] | None = None) -> str:
+    """`dvc exp save -f -n NAME [stages]`: the workspace (params, dvc.lock, metrics, plots) as a DVC experiment.
+
+    `stages` limits what DVC commits to those that finished: `exp save` otherwise commits every stage as it
+    stands, which would record a failed stage (a refusing gate, say) as up to date in dvc.lock. Metrics and
+    plots not yet tracked by git are included, so `dvc exp show` has them even before a first commit.
+    A subprocess, not DVC's Python API: `exp save` works on the current directory, whatever repo it is given.
+    """
+    git = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "metrics", "plots", "reports"],
+                         cwd=workdir, capture_output=True, text=True)
+    if git.returncode != 0:
+        raise RuntimeError(f"{workdir} is not a git repository: DVC experiments need git")
+    cmd = [dvc_executable(), "exp", "save", "--force", "--name", name, "--message", message]
+    for path in git.stdout.split():
+        cmd += ["--include-untracked", path]
+    proc = subprocess.run(cmd + list(stages or []), cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp save failed: {(proc.stdout + proc.stderr).strip()[-2000:]}")
+    return name
+
+
+def push(workdir: str | Path, remote: str | None = None, on_line: Callable[[str], None] | None = None) -> str:
+    """`dvc push` to `remote`, else the default remote; returns DVC's summary line."""
+    cmd = [dvc_executable(), "push"] + (["-r", remote] if remote else [])
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    for line in lines:
+        if on_line:
+            on_line(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc push{' -r ' + remote if remote else ''} failed: " + "\n".join(lines[-10:]))
+    return lines[-1] if lines else "pushed"
