@@ -1,0 +1,106 @@
+"""A real `prefect server start` on 127.0.0.1 (its own SQLite database): the flow served with a cron schedule,
+the schedule read back through the API, a run triggered with run_deployment, its artifacts read back; and
+prefect.yaml deployed to a process work pool."""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run
+from tgm import local_server
+
+pytestmark = pytest.mark.slow
+
+CRON = "0 3 * * *"
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect_home")
+    proc, api, log = local_server.start_prefect_server(home)
+    try:
+        yield api, home
+    finally:
+        local_server.stop(proc)
+
+
+@pytest.fixture
+def client_of(prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api[0]}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def wait_for_deployment(client, name: str, timeout_s: float = 120.0):
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_served_flow_has_its_cron_schedule_and_runs_on_demand(prefect_api, client_of, digits_project):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    api, home = prefect_api
+    env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    serve, log = local_server.start_process(
+        [sys.executable, "-m", "flows.pipeline", "serve", "--cron", CRON, "--name", "tgm-test",
+         "--workdir", str(digits_project)], digits_project, env, "flow-serve")
+    try:
+        deployment = wait_for_deployment(client_of, "tgm-pipeline/tgm-test")
+        assert [s.schedule.cron for s in deployment.schedules] == [CRON]
+        assert all(s.active for s in deployment.schedules)
+        assert deployment.parameters["workdir"] == str(digits_project)
+
+        flow_run = run_deployment("tgm-pipeline/tgm-test", timeout=900, poll_interval=2)
+        assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-3000:])
+        found = {a.key: a.data for a in client_of.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))}
+        assert {"tgm-stages", "tgm-metrics", "tgm-validation", "tgm-gate", "tgm-package"} <= set(found)
+        assert "| package | up to date, skipped |" in found["tgm-stages"]
+        assert f"prefect-{flow_run.name}" in found["tgm-stages"]
+        assert f"prefect-{flow_run.name}" in run(["dvc", "exp", "list", "--name-only"], digits_project).stdout
+    finally:
+        local_server.stop(serve)
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefect_api, client_of, digits_project):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    api, home = prefect_api
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    # `prefect deploy` reads {{ $PWD }} for the working directory the worker will use: the project itself.
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PWD": str(digits_project),
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    (digits_project / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
+    try:
+        run([prefect, "work-pool", "create", "tgm-process", "--type", "process"], digits_project, env=env)
+        run([prefect, "--no-prompt", "deploy", "--all"], digits_project, env=env)
+        deployment = client_of.read_deployment_by_name("tgm-pipeline/tgm-nightly")
+        assert [s.schedule.cron for s in deployment.schedules] == [CRON]
+        assert deployment.work_pool_name == "tgm-process"
+        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                          {"directory": str(digits_project)}}]
+
+        flow_run = client_of.create_flow_run_from_deployment(deployment.id)
+        run([prefect, "worker", "start", "--pool", "tgm-process", "--run-once"], digits_project, env=env,
+            timeout=900)
+        state = client_of.read_flow_run(flow_run.id).state
+        assert state.is_completed(), state
+        keys = {a.key for a in client_of.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))}
+        assert "tgm-gate" in keys and "tgm-stages" in keys
+    finally:
+        (digits_project / "prefect.yaml").unlink()
