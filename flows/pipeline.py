@@ -113,7 +113,9 @@ def pipeline(workdir: str = ".", source: str | None = None, overrides: list[str]
             exp_name = experiment_name()
             message = f"Prefect flow run {flow_run.get_name()}" + (f" ({failure.stage} failed)" if failure else "")
             try:
-                record_experiment(workdir, exp_name, [r["stage"] for r in results], message)
+                # Every finished stage is already committed to dvc.lock (by its `dvc repro`, or it was up to
+                # date), so DVC needs to commit only one of them; never the failed or unreached ones.
+                record_experiment(workdir, exp_name, [results[-1]["stage"]], message)
             except Exception as exc:  # a run without git still counts; say so rather than fail it
                 logger.warning("not recorded as a DVC experiment: %s", exc)
                 exp_name = None

@@ -104,3 +104,17 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefec
         assert "tgm-gate" in keys and "tgm-stages" in keys
     finally:
         (digits_project / "prefect.yaml").unlink()
+
+
+def test_the_command_line_run_takes_overrides_and_pushes_to_the_default_remote(prefect_api, digits_project):
+    api, home = prefect_api
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home)}
+    storage = digits_project.parent / "tgm-dvc-storage"  # the committed default remote, next to the project
+    before = (digits_project / "params.yaml").read_bytes()
+    proc = run([sys.executable, "-m", "flows.pipeline", "--workdir", str(digits_project), "-S", "evaluate.seed=1",
+                "--push"], digits_project, env=env, timeout=900)
+    assert "stage evaluate: ran" in proc.stdout + proc.stderr
+    assert (digits_project / "params.yaml").read_bytes() == before
+    status = run(["dvc", "status", "--cloud", "--json"], digits_project).stdout
+    assert storage.is_dir() and status.strip() in ("{}", "")  # everything the workspace uses is in the remote
+    run(["dvc", "repro"], digits_project, timeout=600)

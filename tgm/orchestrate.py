@@ -222,19 +222,19 @@ def save_experiment(workdir: str | Path, name: str, message: str, stages: list[s
     `stages` limits what DVC commits to those that finished: `exp save` otherwise commits every stage as it
     stands, which would record a failed stage (a refusing gate, say) as up to date in dvc.lock. Metrics and
     plots not yet tracked by git are included, so `dvc exp show` has them even before a first commit.
-    A subprocess, not DVC's Python API: `exp save` works on the current directory, whatever repo it is given.
     """
-    git = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "metrics", "plots", "reports"],
-                         cwd=workdir, capture_output=True, text=True)
-    if git.returncode != 0:
-        raise RuntimeError(f"{workdir} is not a git repository: DVC experiments need git")
-    cmd = [dvc_executable(), "exp", "save", "--force", "--name", name, "--message", message]
-    for path in git.stdout.split():
-        cmd += ["--include-untracked", path]
-    proc = subprocess.run(cmd + list(stages or []), cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc exp save failed: {(proc.stdout + proc.stderr).strip()[-2000:]}")
+    from dvc.repo import Repo
+    from dvc.scm import NoSCMError
+
+    # DVC's experiment executor opens the repository at the current directory, whatever Repo it is handed;
+    # in-process (not `dvc exp save` in a subprocess) saves a second of start-up on every run.
+    with contextlib.chdir(workdir), Repo(".") as repo:
+        try:
+            untracked = [p for p in repo.scm.untracked_files() if p.split("/")[0] in ("metrics", "plots", "reports")]
+        except NoSCMError:
+            raise RuntimeError(f"{workdir} is not a git repository: DVC experiments need git") from None
+        repo.experiments.save(targets=stages or None, name=name, force=True, include_untracked=untracked,
+                              message=message)
     return name
 
 
