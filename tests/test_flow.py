@@ -91,6 +91,27 @@ def test_a_failing_gate_fails_the_flow_and_says_why(prefect_server, digits_proje
         run(["dvc", "repro"], digits_project, timeout=600)
 
 
+def test_failing_validation_fails_the_flow_with_its_reasons(prefect_server, digits_project, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for i in range(3):  # one class of real images, one of files that are not images: half the files rejected
+        (tmp_path / "bad" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "bad" / "a" / f"{i}.png")
+        (tmp_path / "bad" / "b").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bad" / "b" / f"{i}.png").write_text("not a picture")
+    state = pipeline(workdir=str(digits_project), source=f"folder:{tmp_path / 'bad'}", experiment=False,
+                     return_state=True)
+    try:
+        assert state.is_failed()
+        assert "stage validate stopped the pipeline: validation failed" in state.message
+        assert "not_an_image" in state.message
+        found = artifacts_of(state)
+        assert "Validation **failed**" in found["tgm-validation"] and "| not_an_image | 3 |" in found["tgm-validation"]
+    finally:
+        run(["dvc", "repro"], digits_project, timeout=600)
+
+
 def test_a_bad_override_stops_the_flow_before_any_stage(prefect_server, digits_project):
     state = pipeline(workdir=str(digits_project), overrides=["gate.min_accuracy=1.5"], return_state=True)
     assert state.is_failed() and "gate.min_accuracy: 1.5 is not in [0, 1]" in state.message

@@ -37,6 +37,13 @@ def prepared_data_hash(lock_path: str | Path = "dvc.lock", out: str = "data/prep
     return "unknown"
 
 
+def _without_nulls(value):
+    # BentoML metadata refuses None; a param left null (gate.max_regression: off) is simply absent there.
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def package(params: Params, params_path: str = "params.yaml", classifier_dir: str | Path = "models/classifier",
             gate_report: str | Path = "reports/gate.json", report_path: str | Path = "reports/package.json") -> dict:
     import bentoml
@@ -47,7 +54,7 @@ def package(params: Params, params_path: str = "params.yaml", classifier_dir: st
     config = read_json(Path(classifier_dir) / "config.json")
     metadata = {
         "metrics": read_json("metrics/evaluate.json"),
-        "params": asdict(params),
+        "params": _without_nulls(asdict(params)),
         "git_commit": git_commit(),
         "data_hash": prepared_data_hash(),
         "classes": config["classes"],
