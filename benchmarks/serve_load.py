@@ -41,9 +41,7 @@ def ceiling(model_dir: Path, paths: list[Path], batch: int, seconds: float = 3.0
     return done / (time.perf_counter() - start)
 
 
-async def load(url: str, payloads: list[bytes], concurrency: int, client_kind: str = "aiohttp") -> dict:
-    if client_kind == "aiohttp":
-        return await load_aiohttp(url, payloads, concurrency)
+async def load(url: str, payloads: list[bytes], concurrency: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
     latencies, errors = [], {}
 
@@ -70,46 +68,12 @@ async def load(url: str, payloads: list[bytes], concurrency: int, client_kind: s
             "requests": len(payloads)}
 
 
-async def load_aiohttp(url: str, payloads: list[bytes], concurrency: int) -> dict:
-    # aiohttp's client costs less CPU per request than httpx's; on a small machine the client shares the cores
-    # with the server, so a cheaper client leaves more of them to what is being measured.
-    import aiohttp
-
-    gate = asyncio.Semaphore(concurrency)
-    latencies, errors = [], {}
-
-    async def one(session: aiohttp.ClientSession, body: bytes) -> None:
-        async with gate:
-            form = aiohttp.FormData()
-            form.add_field("image", body, filename="x.png", content_type="image/png")
-            t0 = time.perf_counter()
-            async with session.post(f"{url}/classify", data=form) as r:
-                text = await r.text()
-            latencies.append(time.perf_counter() - t0)
-            if r.status != 200:
-                key = f"{r.status} {text[:120]}"
-                errors[key] = errors.get(key, 0) + 1
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        await one(session, payloads[0])  # warm the connection and the server
-        latencies.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(one(session, b) for b in payloads))
-        wall = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100)
-    return {"concurrency": concurrency, "images_per_s": len(payloads) / wall, "p50_ms": q[49] * 1e3,
-            "p95_ms": q[94] * 1e3, "p99_ms": q[98] * 1e3, "errors": sum(errors.values()), "error_kinds": errors,
-            "requests": len(payloads)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tgm-classifier:latest")
     ap.add_argument("--images", default="data/raw/images", help="folder of images to send")
     ap.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client library")
     args = ap.parse_args()
     import bentoml
 
@@ -120,14 +84,13 @@ def main() -> None:
         sys.exit(f"serve_load: no images under {args.images}")
     payloads = [paths[i % len(paths)].read_bytes() for i in range(args.requests)]
     best = ceiling(Path(ref.path), paths, int(os.environ.get("TGM_MAX_BATCH_SIZE", "32")))
-    print(f"model {ref.tag}; {args.requests} requests per level ({args.client} client); "
-          f"in-process batched ceiling {best:,.0f} images/s")
+    print(f"model {ref.tag}; {args.requests} requests per level; in-process batched ceiling {best:,.0f} images/s")
     proc, url, log = local_server.start([], root, {"TGM_MODEL": str(ref.tag)})
     print(f"server log: {log}")
     rows = []
     try:
         for c in (int(x) for x in args.concurrency.split(",")):
-            rows.append(asyncio.run(load(url, payloads, c, args.client)))
+            rows.append(asyncio.run(load(url, payloads, c)))
     finally:
         local_server.stop(proc)
     print(f"{'conc':>5}{'images/s':>10}{'of ceiling':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
