@@ -131,7 +131,8 @@ class TGMClassifier:
 
     async def _predict(self, tokens: np.ndarray) -> np.ndarray:
         # Under bursts the connection to the model service is sometimes dropped before it answers (aiohttp
-        # "Server disconnected", seen at 32 concurrent clients); a prediction has no side effects, so retry.
+        # "Server disconnected", or RuntimeError "Connection closed." when it happens mid-body; both seen at 32
+        # concurrent clients); a prediction has no side effects, so retry.
         import aiohttp
 
         for _ in range(2):
@@ -139,6 +140,9 @@ class TGMClassifier:
                 return await self.model.to_async.predict_proba(tokens)
             except aiohttp.ClientConnectionError:
                 pass
+            except RuntimeError as exc:
+                if "Connection closed" not in str(exc):
+                    raise
         return await self.model.to_async.predict_proba(tokens)
 
     async def _tokens(self, path: Path, field: str) -> np.ndarray:
