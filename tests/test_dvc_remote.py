@@ -8,18 +8,14 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import run
+from tgm import local_server
 
 pytestmark = pytest.mark.slow
 
@@ -122,12 +118,6 @@ def test_local_remote_round_trip(digits_project):
     assert_fixture_untouched(project)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_env(tmp_path) -> dict:
     """Environment for boto3 and dvc-s3: dummy credentials only, no profile or proxy in the way."""
@@ -141,35 +131,18 @@ def s3_env(tmp_path) -> dict:
 
 
 @pytest.fixture
-def moto_endpoint(s3_env, tmp_path):
+def moto_endpoint(s3_env):
     """A real S3 API (moto_server) on 127.0.0.1, stopped whatever the test does."""
-    port = free_port()
-    log = (tmp_path / "moto_server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=s3_env)
+    port = local_server.free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    # Only s3_env: variables it leaves out (other AWS settings, proxies) are removed, not inherited.
+    env = {**{k: None for k in os.environ}, **s3_env}
+    proc, _ = local_server.start_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                         ".", env, "moto-server", ready_url=endpoint + "/", timeout_s=60)
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"moto_server exited ({proc.returncode}):\n"
-                                     f"{(tmp_path / 'moto_server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(endpoint + "/", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise AssertionError("moto_server did not answer within 60 s")
-                time.sleep(0.2)
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        local_server.stop(proc)
 
 
 def s3_client(endpoint: str, env: dict):

@@ -25,7 +25,9 @@ def start_process(cmd: list[str], cwd: str | Path, env: dict | None, name: str, 
     """
     import httpx
 
-    log = Path(tempfile.mkstemp(prefix=f"tgm-{name}-", suffix=".log")[1])
+    fd, log_path = tempfile.mkstemp(prefix=f"tgm-{name}-", suffix=".log")
+    os.close(fd)  # reopened below for the child; mkstemp's descriptor would otherwise leak
+    log = Path(log_path)
     full_env = {**os.environ, **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
