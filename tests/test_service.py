@@ -78,11 +78,21 @@ def test_64_concurrent_requests_all_get_the_in_process_answer(served, classifier
         async with httpx.AsyncClient(timeout=120) as client:
             return await asyncio.gather(*[client.post(f"{served}/classify", files=[upload(p)]) for p in images])
 
+    def batches() -> tuple[float, float]:
+        """(forward passes, images) so far, from the tgm_batch_size histogram on BentoML's /metrics."""
+        lines = httpx.get(f"{served}/metrics", timeout=10).text.splitlines()
+        value = {k: float(v) for k, _, v in (line.rpartition(" ") for line in lines if line.startswith("tgm_batch"))}
+        return value.get("tgm_batch_size_count", 0.0), value.get("tgm_batch_size_sum", 0.0)
+
+    passes_before, images_before = batches()
     responses = asyncio.run(fire())
     assert len(responses) == 64
     for r, path in zip(responses, images):
         assert r.status_code == 200, r.text
         same_answer(r.json(), expected(classifier, path))
+    passes, images_done = (after - before for after, before in zip(batches(), (passes_before, images_before)))
+    assert images_done == 64
+    assert passes < 64, "concurrent requests should share forward passes"
 
 
 def test_served_preprocessing_is_prepares(served, digits_project, images):

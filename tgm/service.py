@@ -1,17 +1,17 @@
-"""The BentoML service: a front that speaks HTTP and a model service that batches.
+"""The BentoML service: TGMClassifier answers /classify, /classify_batch, /complete and GET /metadata.
 
-- TGMClassifier (the front, the Bento's entry service): decodes and checks uploads, turns images into tokens
-  with the same function `prepare` used, answers /classify, /classify_batch, /complete and GET /metadata.
-- TGMModel (its dependency, its own process under `bentoml serve`): the torch work. Its batchable
-  predict_proba gathers the tokens of concurrent requests into one forward pass (adaptive batching: at most
-  TGM_MAX_BATCH_SIZE images, waiting at most TGM_MAX_LATENCY_MS).
+It decodes and checks uploads, turns images into tokens with the same function `prepare` used, and runs the
+model in the same process. Concurrent classifications share one forward pass (tgm.batching: at most
+TGM_MAX_BATCH_SIZE images; a request queued longer than TGM_MAX_LATENCY_MS gets a 503). Torch work runs one call
+at a time, in a worker thread, so the event loop keeps taking requests meanwhile. More throughput on a bigger
+machine: TGM_WORKERS processes (default 1), each a full copy of the model with TGM_TORCH_THREADS threads.
 
 Which model: a built Bento serves the version it was built with (a Bento argument set by `tgm package`);
 `bentoml serve` in the project root serves TGM_MODEL or the newest `tgm-classifier`.
 
 Limits (environment, read at start): TGM_MAX_REQUEST_BYTES (default 10 MiB), TGM_MAX_PIXELS (decompression
 bombs, default 40 Mpx), TGM_MAX_IMAGES (per /classify_batch, default 64), TGM_MAX_SAMPLES (per /complete,
-default 16), TGM_TORCH_THREADS. Every client mistake is a 4xx with a JSON body naming the problem.
+default 16). Every client mistake is a 4xx with a JSON body naming the problem.
 With TGM_API_KEY set, every endpoint but the health checks needs `Authorization: Bearer <key>`.
 """
 from __future__ import annotations
@@ -26,9 +26,11 @@ import numpy as np
 from bentoml.validators import ContentType
 from fastapi import FastAPI
 from PIL import Image
+from prometheus_client import Histogram
 from pydantic import Field
 from starlette.responses import JSONResponse
 
+from tgm.batching import MicroBatcher, Overloaded
 from tgm.http_guards import LimitsAndAuth, strict_multipart
 from tgm.images import InvalidImage, open_image
 from tgm.model import load_config
@@ -50,9 +52,17 @@ MAX_REQUEST_BYTES = _env_int("TGM_MAX_REQUEST_BYTES", 10 * 1024 * 1024)
 MAX_PIXELS = _env_int("TGM_MAX_PIXELS", 40_000_000)
 MAX_IMAGES = _env_int("TGM_MAX_IMAGES", 64)
 MAX_SAMPLES = _env_int("TGM_MAX_SAMPLES", 16)
+WORKERS = _env_int("TGM_WORKERS", 1)
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+for _name, _value in (("TGM_MAX_BATCH_SIZE", MAX_BATCH_SIZE), ("TGM_MAX_LATENCY_MS", MAX_LATENCY_MS),
+                      ("TGM_WORKERS", WORKERS)):
+    if _value < 1:
+        raise SystemExit(f"{_name}={_value} must be at least 1")
 
 strict_multipart()
+# Prometheus, on BentoML's /metrics: how full the batches are under the traffic this server sees.
+BATCH_SIZES = Histogram("tgm_batch_size", "images per forward pass of /classify and /classify_batch",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 class BadRequest(Exception):
@@ -60,8 +70,11 @@ class BadRequest(Exception):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.reason, "detail": self.detail}, status_code=400)
+
+def error_response(exc: BadRequest | Overloaded) -> JSONResponse:
+    if isinstance(exc, Overloaded):
+        return JSONResponse({"error": "overloaded", "detail": str(exc)}, status_code=503)
+    return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=400)
 
 
 def decode(path: Path, field: str) -> Image.Image:
@@ -76,46 +89,26 @@ def decode(path: Path, field: str) -> Image.Image:
     return image
 
 
-@bentoml.service(workers=1, threads=1, traffic={"timeout": 120})
-class TGMModel:
-    bento_model = bentoml.models.BentoModel(MODEL)
-
-    def __init__(self) -> None:
-        import torch
-
-        from tgm.model import load_model
-
-        torch.set_num_threads(_env_int("TGM_TORCH_THREADS", torch.get_num_threads()))
-        self.model = load_model(self.bento_model.path).eval()
-
-    @bentoml.api(batchable=True, max_batch_size=max(2, MAX_BATCH_SIZE), max_latency_ms=MAX_LATENCY_MS)
-    def predict_proba(self, tokens: np.ndarray) -> np.ndarray:
-        """(N, T) palette tokens -> (N, n_classes) class probabilities."""
-        from tgm.inference import predict_proba
-
-        return predict_proba(self.model, tokens)
-
-    @bentoml.api
-    def sample(self, prefix: np.ndarray, n: int, seed: int, temperature: float, top_k: int) -> np.ndarray:
-        """n completions (n, T) of one token prefix (P,), sampled with the KV cache."""
-        import torch
-
-        batch = torch.from_numpy(np.repeat(prefix[None, :], n, axis=0).astype(np.int64))
-        gen = torch.Generator().manual_seed(seed)
-        return self.model.complete(batch, gen, temperature=temperature, top_k=top_k).numpy()
-
-
 http = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # BentoML's own docs: / and /docs.json
 
 
-@bentoml.service(workers=1, traffic={"timeout": 120})
+@bentoml.service(workers=WORKERS, traffic={"timeout": 120})
 @bentoml.asgi_app(http, path="/")
 class TGMClassifier:
-    model = bentoml.depends(TGMModel)
     bento_model = bentoml.models.BentoModel(MODEL)
 
     def __init__(self) -> None:
+        import torch
+
+        from tgm.inference import predict_proba
+        from tgm.model import load_model
+
         path = self.bento_model.path
+        torch.set_num_threads(_env_int("TGM_TORCH_THREADS", torch.get_num_threads()))
+        self.model = load_model(path).eval()
+        self.torch_lane = anyio.CapacityLimiter(1)  # one torch call at a time: it uses every core by itself
+        self.batcher = MicroBatcher(lambda tokens: predict_proba(self.model, tokens), MAX_BATCH_SIZE,
+                                    MAX_LATENCY_MS, self.torch_lane, BATCH_SIZES.observe)
         self.spec = PreprocessSpec.load(path)
         self.classes: list[str] = load_config(path)["classes"]
         info = self.bento_model.info.metadata or {}
@@ -129,21 +122,13 @@ class TGMClassifier:
             "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
         }
 
-    async def _predict(self, tokens: np.ndarray) -> np.ndarray:
-        # Under bursts the connection to the model service is sometimes dropped before it answers (aiohttp
-        # "Server disconnected", or RuntimeError "Connection closed." when it happens mid-body; both seen at 32
-        # concurrent clients); a prediction has no side effects, so retry.
-        import aiohttp
+    def _sample(self, prefix: np.ndarray, n: int, seed: int, temperature: float, top_k: int) -> np.ndarray:
+        """n completions (n, T) of one token prefix (P,), sampled with the KV cache."""
+        import torch
 
-        for _ in range(2):
-            try:
-                return await self.model.to_async.predict_proba(tokens)
-            except aiohttp.ClientConnectionError:
-                pass
-            except RuntimeError as exc:
-                if "Connection closed" not in str(exc):
-                    raise
-        return await self.model.to_async.predict_proba(tokens)
+        batch = torch.from_numpy(np.repeat(prefix[None, :], n, axis=0).astype(np.int64))
+        gen = torch.Generator().manual_seed(seed)
+        return self.model.complete(batch, gen, temperature=temperature, top_k=top_k).numpy()
 
     async def _tokens(self, path: Path, field: str) -> np.ndarray:
         # Decoding and quantising are CPU work: off the event loop, which keeps accepting requests meanwhile.
@@ -165,11 +150,10 @@ class TGMClassifier:
         Concurrent requests are batched into one forward pass. Example:
         `curl -F image=@digit.png http://localhost:3000/classify`"""
         try:
-            tokens = await self._tokens(image, "image")
-        except BadRequest as exc:
-            return exc.response()
-        probs = await self._predict(tokens[None, :])
-        return self._answer(probs[0])
+            probs = await self.batcher((await self._tokens(image, "image"))[None, :])
+        except (BadRequest, Overloaded) as exc:
+            return error_response(exc)
+        return JSONResponse(self._answer(probs[0]))
 
     @bentoml.api
     async def classify_batch(self, images: list[Path]) -> dict:
@@ -177,13 +161,14 @@ class TGMClassifier:
 
         Example: `curl -F images=@a.png -F images=@b.png http://localhost:3000/classify_batch`"""
         if not 1 <= len(images) <= MAX_IMAGES:
-            return BadRequest("too_many_images", f"images: send 1 to {MAX_IMAGES} files, got {len(images)}").response()
+            return error_response(BadRequest("too_many_images",
+                                             f"images: send 1 to {MAX_IMAGES} files, got {len(images)}"))
         try:
             tokens = np.stack([await self._tokens(p, f"images[{i}]") for i, p in enumerate(images)])
-        except BadRequest as exc:
-            return exc.response()
-        probs = await self._predict(tokens)
-        return {"results": [self._answer(p) for p in probs]}
+            probs = await self.batcher(tokens)
+        except (BadRequest, Overloaded) as exc:
+            return error_response(exc)
+        return JSONResponse({"results": [self._answer(p) for p in probs]})
 
     @bentoml.api
     async def complete(
@@ -206,11 +191,12 @@ class TGMClassifier:
         try:
             tokens = await self._tokens(image, "image")
         except BadRequest as exc:
-            return exc.response()
+            return error_response(exc)
         size = self.spec.image_size
         keep = round(keep_fraction * size) * size  # whole rows
-        samples = await self.model.to_async.sample(tokens[:keep], n=n, seed=seed, temperature=temperature,
-                                                   top_k=top_k)
+        samples = await anyio.to_thread.run_sync(
+            lambda: self._sample(tokens[:keep], n=n, seed=seed, temperature=temperature, top_k=top_k),
+            limiter=self.torch_lane)
         kept = tokens_to_image(tokens, self.spec).copy()
         kept[keep // size:] = 128
         tiles = [tokens_to_image(tokens, self.spec), kept] + [tokens_to_image(s, self.spec) for s in samples]
