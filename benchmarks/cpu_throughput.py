@@ -108,6 +108,38 @@ def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
     return {name: args.steps * args.batch * cfg.seq_len / statistics.median(s) for name, s in seconds.items()}
 
 
+def breakdown(cfg: TGMConfig, args, amp: torch.dtype | None, hf_tokens_per_s: float, peak: float) -> None:
+    """Where a T-GM training step spends its time, by kind of operator (torch.profiler, self CPU time), and
+    the throughput T-GM would reach if everything but the matrix products and attention took no time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = TGM(cfg).train()
+    opt = make_optimizer(model, TrainParams())
+    x = torch.randint(0, cfg.palette_size, (args.batch, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    for _ in range(args.warmup):
+        train_step(model, opt, x, amp)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            train_step(model, opt, x, amp)
+    kinds = {"matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+             "attention (SDPA)": ("aten::_scaled_dot_product",)}
+    seconds = dict.fromkeys([*kinds, "everything else"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if event.key.startswith(names)), "everything else")
+        seconds[kind] += event.self_cpu_time_total / 1e6 / args.steps
+    step = sum(seconds.values())
+    print(f" T-GM step breakdown ({args.steps} profiled steps, {step * 1e3:.0f} ms a step):")
+    for kind, sec in seconds.items():
+        print(f"  {kind:<18}{sec * 1e3:8.1f} ms {sec / step:7.1%}")
+    tokens = args.batch * cfg.seq_len
+    attention_flops = 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len  # per token, the attention term of the formula
+    matmul_rate = (train_flops_per_token(cfg) - attention_flops) * tokens / seconds["matrix products"]
+    print(f"  the matrix products alone run at {matmul_rate / 1e9:.1f} GFLOP/s, {matmul_rate / peak:.1%} of peak")
+    bound = tokens / (seconds["matrix products"] + seconds["attention (SDPA)"])
+    print(f"  with everything else free: {bound:,.0f} tokens/s, {bound / hf_tokens_per_s:.2f}x HF")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -121,6 +153,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="no new round starts after this, per dtype")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="then profile T-GM's step: time in matrix products, attention and the rest")
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if unknown := set(dtypes) - set(AMP):
@@ -163,6 +197,9 @@ def main() -> None:
         results[name] = row
     load_end = os.getloadavg()[0]
     print(f"load average (1 min) at end {load_end:.2f}")
+    for name in dtypes if args.breakdown else ():
+        print(f"\n{name}:", end="")
+        breakdown(cfg, args, AMP[name], results[name]["hf_tokens_per_s"], results[name]["peak_flops"])
     print(json.dumps({"layers": cfg.n_layer, "embd": cfg.n_embd, "heads": cfg.n_head, "seq_len": cfg.seq_len,
                       "palette": cfg.palette_size, "batch": args.batch, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "transformers": transformers.__version__,
