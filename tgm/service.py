@@ -153,6 +153,7 @@ class TGMClassifier:
             probs = await self.batcher((await self._tokens(image, "image"))[None, :])
         except (BadRequest, Overloaded) as exc:
             return error_response(exc)
+        # A Response goes out as it is; a dict would cost a JSON-schema walk and a chunked body per request.
         return JSONResponse(self._answer(probs[0]))
 
     @bentoml.api
