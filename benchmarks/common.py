@@ -12,9 +12,12 @@ def train_flops_per_token(cfg: TGMConfig) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward), PaLM's convention as nanoGPT uses
     it: 6 x the parameters in matrix multiplies (blocks + output head) plus 12 x layers x width x sequence for
     attention scores and the weighted sum. Embedding lookups and elementwise work are not counted."""
-    L, C, T = cfg.n_layer, cfg.n_embd, cfg.seq_len
-    matmul_params = L * 12 * C * C + C * cfg.palette_size
-    return 6.0 * matmul_params + 12.0 * L * C * T
+    return matmul_train_flops_per_token(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * cfg.seq_len
+
+
+def matmul_train_flops_per_token(cfg: TGMConfig) -> float:
+    """The weight-matrix part of train_flops_per_token: 6 x the parameters in matrix multiplies."""
+    return 6.0 * (cfg.n_layer * 12 * cfg.n_embd ** 2 + cfg.n_embd * cfg.palette_size)
 
 
 def sync(device: torch.device) -> None:

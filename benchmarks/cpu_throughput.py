@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
-from benchmarks.common import matmul_peak, train_flops_per_token  # noqa: E402
+from benchmarks.common import matmul_peak, matmul_train_flops_per_token, train_flops_per_token  # noqa: E402
 from tgm.model import TGM, TGMConfig  # noqa: E402
 from tgm.params import TrainParams  # noqa: E402
 from tgm.train import autocast, batch_losses, make_optimizer  # noqa: E402
@@ -83,17 +83,23 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, am
     opt.zero_grad(set_to_none=True)
 
 
+def warmed_up(build, cfg: TGMConfig, args, amp: torch.dtype | None):
+    """(model, optimizer, batch) after `args.warmup` untimed steps; seeded, so every caller gets the same."""
+    torch.manual_seed(0)
+    model = build().train()
+    opt = make_optimizer(model, TrainParams())
+    x = torch.randint(0, cfg.palette_size, (args.batch, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    for _ in range(args.warmup):
+        train_step(model, opt, x, amp)
+    return model, opt, x
+
+
 def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
     """Median tokens/s per model over alternating timed rounds of `args.steps` steps each."""
     models = {}
     for name, build in (("T-GM", lambda: TGM(cfg)), ("HF", lambda: ImageGPTAsTGM(hf_config(cfg)))):
-        torch.manual_seed(0)
-        model = build().train()
-        models[name] = (model, make_optimizer(model, TrainParams()))
-    x = torch.randint(0, cfg.palette_size, (args.batch, cfg.seq_len), generator=torch.Generator().manual_seed(0))
-    for model, opt in models.values():
-        for _ in range(args.warmup):
-            train_step(model, opt, x, amp)
+        model, opt, x = warmed_up(build, cfg, args, amp)
+        models[name] = (model, opt)
     seconds = {name: [] for name in models}
     deadline = time.perf_counter() + args.max_seconds
     for r in range(args.rounds):
@@ -113,12 +119,7 @@ def breakdown(cfg: TGMConfig, args, amp: torch.dtype | None, hf_tokens_per_s: fl
     the throughput T-GM would reach if everything but the matrix products and attention took no time."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = TGM(cfg).train()
-    opt = make_optimizer(model, TrainParams())
-    x = torch.randint(0, cfg.palette_size, (args.batch, cfg.seq_len), generator=torch.Generator().manual_seed(0))
-    for _ in range(args.warmup):
-        train_step(model, opt, x, amp)
+    model, opt, x = warmed_up(lambda: TGM(cfg), cfg, args, amp)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             train_step(model, opt, x, amp)
@@ -133,8 +134,7 @@ def breakdown(cfg: TGMConfig, args, amp: torch.dtype | None, hf_tokens_per_s: fl
     for kind, sec in seconds.items():
         print(f"  {kind:<18}{sec * 1e3:8.1f} ms {sec / step:7.1%}")
     tokens = args.batch * cfg.seq_len
-    attention_flops = 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len  # per token, the attention term of the formula
-    matmul_rate = (train_flops_per_token(cfg) - attention_flops) * tokens / seconds["matrix products"]
+    matmul_rate = matmul_train_flops_per_token(cfg) * tokens / seconds["matrix products"]
     print(f"  the matrix products alone run at {matmul_rate / 1e9:.1f} GFLOP/s, {matmul_rate / peak:.1%} of peak")
     bound = tokens / (seconds["matrix products"] + seconds["attention (SDPA)"])
     print(f"  with everything else free: {bound:,.0f} tokens/s, {bound / hf_tokens_per_s:.2f}x HF")
