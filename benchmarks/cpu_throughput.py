@@ -12,10 +12,15 @@ per token is benchmarks.common.train_flops_per_token (PaLM's 6N + 12·L·C·T, a
 both models since their matrix shapes are identical. Timed rounds alternate between the models and the median
 round is reported, so load from other processes hits both alike; --max-seconds caps each dtype's timing.
 Another busy process on the same cores slows OpenMP kernels many-fold, hence the load averages in the output.
+
+--breakdown adds a third arm to the same rounds, T-GM with attention free (SDPA hands V through), and from it the
+most any attention kernel could give: that step plus the causal half of the attention FLOPs at the matmul peak.
+Then it profiles T-GM's step by kind of operator.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # `python benchmarks/cpu_throughput.py` puts only benchmarks/ on the path; benchmarks.common needs the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +46,7 @@ from tgm.train import autocast, batch_losses, make_optimizer  # noqa: E402
 
 CPU = torch.device("cpu")
 AMP = {"fp32": None, "bf16": torch.bfloat16}
+NO_ATTENTION = "T-GM, attention free"
 
 
 class ImageGPTAsTGM(nn.Module):
@@ -94,21 +101,41 @@ def warmed_up(build, cfg: TGMConfig, args, amp: torch.dtype | None):
     return model, opt, x
 
 
+@contextlib.contextmanager
+def attention_free():
+    """T-GM's SDPA call hands V straight through: every other operation of the step is unchanged, so the step
+    takes what T-GM would take if attention cost nothing (HF's eager attention does not call SDPA). Under bf16
+    autocast the fp32 casts T-GM makes for SDPA still run, so there the ceiling is, if anything, a little low."""
+    real = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, **_: v
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
 def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
-    """Median tokens/s per model over alternating timed rounds of `args.steps` steps each."""
+    """Median tokens/s per model over alternating timed rounds of `args.steps` steps each. With --breakdown,
+    a third arm times T-GM with attention free, in the same rounds: the ceiling of any faster attention."""
+    arms = {"T-GM": (lambda: TGM(cfg), contextlib.nullcontext),
+            "HF": (lambda: ImageGPTAsTGM(hf_config(cfg)), contextlib.nullcontext)}
+    if args.breakdown:
+        arms[NO_ATTENTION] = (lambda: TGM(cfg), attention_free)
     models = {}
-    for name, build in (("T-GM", lambda: TGM(cfg)), ("HF", lambda: ImageGPTAsTGM(hf_config(cfg)))):
-        model, opt, x = warmed_up(build, cfg, args, amp)
-        models[name] = (model, opt)
+    for name, (build, context) in arms.items():
+        with context():
+            model, opt, x = warmed_up(build, cfg, args, amp)
+        models[name] = (model, opt, context)
     seconds = {name: [] for name in models}
     deadline = time.perf_counter() + args.max_seconds
     for r in range(args.rounds):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):  # neither model always goes first
-            model, opt = models[name]
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(model, opt, x, amp)
-            seconds[name].append(time.perf_counter() - t0)
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):  # no model always goes first
+            model, opt, context = models[name]
+            with context():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    train_step(model, opt, x, amp)
+                seconds[name].append(time.perf_counter() - t0)
         if time.perf_counter() > deadline:
             break
     return {name: args.steps * args.batch * cfg.seq_len / statistics.median(s) for name, s in seconds.items()}
@@ -154,7 +181,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="no new round starts after this, per dtype")
     ap.add_argument("--breakdown", action="store_true",
-                    help="then profile T-GM's step: time in matrix products, attention and the rest")
+                    help="also time T-GM with attention free (the ceiling of a faster attention), then profile "
+                         "T-GM's step: time in matrix products, attention and the rest")
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if unknown := set(dtypes) - set(AMP):
@@ -187,16 +215,32 @@ def main() -> None:
         tok_s = measure(cfg, args, AMP[name])
         ratio = tok_s["T-GM"] / tok_s["HF"]
         row = {"peak_flops": peak, "tgm_hf_ratio": ratio}
-        for model, rate in tok_s.items():
+        for model in ("T-GM", "HF"):
+            rate = tok_s[model]
             flops = rate * flops_per_token
             key = model.lower().replace("-", "")
             row.update({f"{key}_tokens_per_s": rate, f"{key}_flops": flops, f"{key}_peak_fraction": flops / peak})
             shown = f"{ratio:>9.2f}" if model == "T-GM" else " " * 9
             print(f"{name:<6}{model:<7}{rate:>11,.0f}{shown}"
                   f"{flops / 1e9:>10.1f}{peak / 1e9:>14.1f}{flops / peak:>9.1%}")
+        if NO_ATTENTION in tok_s:
+            # Its FLOP/s would count attention work it skipped, so only tokens/s and the ratio. Then the same
+            # step plus the causal half of the attention FLOPs at the matmul peak: no kernel can beat that.
+            free = tok_s[NO_ATTENTION]
+            attention_flops = (flops_per_token - matmul_train_flops_per_token(cfg)) / 2
+            at_peak = 1.0 / (1.0 / free + attention_flops / peak)
+            row.update({"tgm_attention_free_tokens_per_s": free, "tgm_attention_free_hf_ratio": free / tok_s["HF"],
+                        "tgm_attention_at_peak_tokens_per_s": at_peak,
+                        "tgm_attention_at_peak_hf_ratio": at_peak / tok_s["HF"]})
+            for label, rate in (("attention free", free), ("attention at peak", at_peak)):
+                print(f"{name:<6}{'T-GM':<7}{rate:>11,.0f}{rate / tok_s['HF']:>9.2f}   <- {label}")
         results[name] = row
     load_end = os.getloadavg()[0]
     print(f"load average (1 min) at end {load_end:.2f}")
+    if args.breakdown:
+        print("<- attention free: T-GM's step with SDPA handing V through, timed in the same rounds;\n"
+              "<- attention at peak: that step plus the causal half of attention's FLOPs at the matmul peak,\n"
+              "   the most T-GM could reach with any attention kernel")
     for name in dtypes if args.breakdown else ():
         print(f"\n{name}:", end="")
         breakdown(cfg, args, AMP[name], results[name]["hf_tokens_per_s"], results[name]["peak_flops"])
