@@ -5,7 +5,7 @@ import torch
 
 from tgm.model import TGM, TGMConfig
 from tgm.params import TrainParams
-from tgm.train import fit, lr_factor, seed_everything
+from tgm.train import batch_losses, fit, lr_factor, seed_everything, warp_images
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -61,3 +61,43 @@ def test_early_stopping_stops_and_keeps_the_best_epoch():
     history, best = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"))
     assert len(history) < 30
     assert history[best - 1]["val_cls_loss"] == min(r["val_cls_loss"] for r in history)
+
+
+def test_unlabelled_images_add_to_the_next_pixel_loss_only():
+    seed_everything(0)
+    model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2)).eval()
+    tokens, labels = toy_data(8)
+    x, y = torch.from_numpy(tokens), torch.from_numpy(labels)
+    mixed = torch.cat([y[:4], torch.full((4,), -1)])
+    loss_all, parts_all = batch_losses(model, x, mixed, "classify", lambda_gen=0.5)
+    _, parts_labelled = batch_losses(model, x[:4], y[:4], "classify", lambda_gen=0.5)
+    # The class loss is the labelled images' alone; the next-pixel loss is over all eight.
+    assert parts_all["cls_loss"] == pytest.approx(float(parts_labelled["cls_loss"]), rel=1e-5)
+    assert parts_all["correct"] == parts_labelled["correct"]
+    _, parts_none = batch_losses(model, x, torch.full((8,), -1), "classify", lambda_gen=0.5)
+    assert float(parts_none["cls_loss"]) == 0.0 and torch.isfinite(loss_all)
+
+
+def test_semi_supervised_fit_is_repeatable_and_learns():
+    def run():
+        seed_everything(0)
+        model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
+        history, _ = fit(model, toy_data(16), toy_data(32, seed=1), TrainParams(epochs=8, batch_size=8, lr=0.01,
+                                                                                patience=10),
+                         "classify", torch.device("cpu"), lambda_gen=0.5, unlabelled=toy_data(64, seed=2)[0])
+        return model, history
+    (a, history), (b, _) = run(), run()
+    assert max(r["val_accuracy"] for r in history) >= 0.9
+    assert all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_warping_keeps_palette_indices_and_repeats_with_its_seed():
+    tokens = torch.zeros(6, 64, dtype=torch.long)
+    tokens.view(6, 8, 8)[:, 1:7, 3:5] = 3  # a bar on a background of 0
+    warp = lambda seed: warp_images(tokens, 20.0, 0.2, torch.Generator().manual_seed(seed))  # noqa: E731
+    out = warp(0)
+    assert out.shape == tokens.shape and out.dtype == tokens.dtype
+    assert set(out.unique().tolist()) <= {0, 3}
+    assert torch.equal(out, warp(0)) and not torch.equal(out, warp(1))
+    assert not torch.equal(out, tokens)
+    assert torch.equal(warp_images(tokens, 0.0, 0.0, torch.Generator()), tokens)

@@ -2,7 +2,9 @@
 
 An image of S*S pixels is a sequence of T = S*S palette indices in raster order. The input is a start token
 followed by the first T-1 pixels; the model predicts every pixel from the ones before it. For
-classification, iGPT average-pools the final-layer features over the sequence and adds a linear head.
+classification, iGPT average-pools the final-layer features over the sequence and adds a linear head; T-GM
+can instead average them over a g x g grid of image regions (`cls_grid`) and concatenate the cells, which keeps
+where in the image a feature fired (grid 1 is iGPT's plain average).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class TGMConfig:
     n_embd: int = 128
     dropout: float = 0.0
     n_classes: int = 0  # 0: no classification head (pretraining)
+    cls_grid: int = 1  # the head sees features averaged over cls_grid x cls_grid image regions
 
 
 class KVCache:
@@ -113,7 +116,7 @@ class TGM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.palette_size, bias=False)
-        self.cls_head = nn.Linear(cfg.n_embd, cfg.n_classes) if cfg.n_classes else None
+        self.cls_head = nn.Linear(cfg.n_embd * cfg.cls_grid ** 2, cfg.n_classes) if cfg.n_classes else None
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
         # GPT-2: scale the residual projections by depth so the residual stream's variance stays put.
@@ -160,7 +163,7 @@ class TGM(nn.Module):
         """Pixel logits (B, T, K) for next-pixel prediction, and class logits (B, n_classes) or None."""
         h = self.hidden(self.shift_right(tokens))  # (B, T, C)
         logits = self.lm_head(h)
-        class_logits = self.cls_head(h.mean(dim=1)) if self.cls_head is not None else None
+        class_logits = self.cls_head(grid_pool(h, self.cfg.cls_grid)) if self.cls_head is not None else None
         return logits, class_logits
 
     @torch.no_grad()
@@ -192,6 +195,16 @@ class TGM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def grid_pool(h: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, T, C) raster-order features of square images -> (B, grid * grid * C): each cell's average."""
+    if grid == 1:
+        return h.mean(dim=1)
+    B, T, C = h.shape
+    S = math.isqrt(T)
+    cells = F.adaptive_avg_pool2d(h.transpose(1, 2).reshape(B, C, S, S), grid)  # (B, C, grid, grid)
+    return cells.permute(0, 2, 3, 1).reshape(B, grid * grid * C)
+
+
 def next_pixel_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-pixel cross-entropy in nats of pixel logits (B, T, K); divide by ln 2 for bits per pixel."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens.reshape(-1))
@@ -213,13 +226,16 @@ def load_config(directory: str | Path) -> dict:
 
 
 def load_model(directory: str | Path, map_location: str = "cpu", n_classes: int | None = None,
-               strict: bool = True) -> TGM:
-    """Rebuild a model from its directory. `n_classes` overrides the saved head (pretrained -> classifier)."""
+               strict: bool = True, cls_grid: int | None = None) -> TGM:
+    """Rebuild a model from its directory. `n_classes` and `cls_grid` override the saved head (pretrained ->
+    classifier)."""
     from safetensors.torch import load_file
 
     cfg = TGMConfig(**load_config(directory)["model"])
     if n_classes is not None:
         cfg.n_classes = n_classes
+    if cls_grid is not None:
+        cfg.cls_grid = cls_grid
     model = TGM(cfg)
     state = load_file(str(Path(directory) / WEIGHTS_FILE), device=map_location)
     missing, unexpected = model.load_state_dict(state, strict=strict)

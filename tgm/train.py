@@ -141,13 +141,31 @@ def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generato
     return out.reshape(B, T)
 
 
+def warp_images(tokens: torch.Tensor, degrees: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each square image by up to +-degrees and zoom it by up to +-scale (a fraction), both drawn per
+    image; nearest-neighbour sampling keeps palette indices whole, uncovered pixels take the top-left pixel."""
+    B, T = tokens.shape
+    S = math.isqrt(T)
+    angle = (torch.rand(B, generator=generator) * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(B, generator=generator) * 2 - 1) * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1), torch.stack([sin, cos, torch.zeros(B)], 1)], 1)
+    fill = tokens[:, :1].float().view(B, 1, 1, 1)
+    grid = F.affine_grid(theta, (B, 1, S, S), align_corners=False)
+    moved = F.grid_sample(tokens.float().view(B, 1, S, S) - fill, grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False) + fill
+    return moved.round().to(tokens.dtype).view(B, T)
+
+
 def batch_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
                  lambda_gen: float) -> tuple[torch.Tensor, dict]:
     logits, class_logits = model(tokens)
     gen = next_pixel_loss(logits, tokens)
     if objective == "generative":
         return gen, {"gen_loss": gen.detach()}
-    cls = F.cross_entropy(class_logits.float(), labels)
+    # Label -1 marks an unlabelled image (semi-supervised fine-tuning): it adds to the next-pixel loss only.
+    per_image = F.cross_entropy(class_logits.float(), labels, ignore_index=-1, reduction="none")
+    cls = per_image.sum() / (labels >= 0).sum().clamp(min=1)
     correct = (class_logits.argmax(-1) == labels).sum()
     return cls + lambda_gen * gen, {"gen_loss": gen.detach(), "cls_loss": cls.detach(), "correct": correct}
 
@@ -223,10 +241,13 @@ def _cpu_state(module: torch.nn.Module) -> dict:
 def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None,
         params: TrainParams, objective: Objective, device: torch.device, lambda_gen: float = 0.0,
         checkpointer: Checkpointer | None = None, dist: Dist = Dist(),
-        restore_best: bool = True) -> tuple[list[dict], int]:
+        restore_best: bool = True, unlabelled: np.ndarray | None = None) -> tuple[list[dict], int]:
     """Train in place; on return the model holds the weights of its best validation epoch (or, without
     restore_best, of its last step: a fixed budget that never looks at validation labels). Without `val`,
     training runs its epochs to the end and keeps the last weights.
+
+    `unlabelled` (classify only): images without labels. Each step adds as many of them, drawn at random, as
+    it has labelled images; they count in the next-pixel loss only (iGPT's joint loss over the unlabelled pool).
 
     Returns the per-epoch history and the number of the epoch whose weights were kept.
     """
@@ -242,6 +263,8 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
         opt, lambda s: lr_factor(s, total, warmup, params.min_lr_fraction))
     order_gen = torch.Generator().manual_seed(params.seed)
     aug_gen = torch.Generator().manual_seed(params.seed + 1)
+    pool_gen = torch.Generator().manual_seed(params.seed + 2)
+    pool = torch.from_numpy(unlabelled) if unlabelled is not None and len(unlabelled) else None
 
     ddp = None
     train_model: torch.nn.Module = model
@@ -266,6 +289,8 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         aug_gen.set_state(saved["aug_rng"])
         order_gen.set_state(saved["order_rng"])
+        if "pool_rng" in saved:  # checkpoints written before the unlabelled pool existed
+            pool_gen.set_state(saved["pool_rng"])
         st.update({k: saved[k] for k in st if k in saved})
         log.info("%s: resuming from %s at epoch %d, step %d", objective, checkpointer.path, st["epoch"], st["step"])
 
@@ -274,7 +299,7 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
             return
         state = {"model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "torch_rng": torch.get_rng_state(), "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
-                 **st}
+                 "pool_rng": pool_gen.get_state(), **st}
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         checkpointer.save(state)
@@ -298,17 +323,24 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
         for b in range(st["batch"], steps_per_epoch):
             idx = order[b * batch:(b + 1) * batch]
             xb, yb = tokens_t[idx], labels_t[idx]
-            if params.augment_shift:  # the whole global batch on every rank: same draws as one process
+            if pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
+                extra = pool[torch.randint(0, len(pool), (len(idx),), generator=pool_gen)]
+                xb = torch.stack([xb, extra], dim=1).reshape(-1, xb.size(1))
+                yb = torch.stack([yb, torch.full_like(yb, -1)], dim=1).reshape(-1)
+            # Augmentation covers the whole global batch on every rank: the same draws as one process.
+            if params.augment_rotate or params.augment_scale:
+                xb = warp_images(xb, params.augment_rotate, params.augment_scale, aug_gen)
+            if params.augment_shift:
                 xb = shift_images(xb, params.augment_shift, aug_gen)
             # Every rank holds the whole global batch and takes its own micro-batches of it.
-            micro = torch.tensor_split(torch.arange(len(idx)), parts_per_step)[
+            micro = torch.tensor_split(torch.arange(len(xb)), parts_per_step)[
                 dist.rank * params.grad_accum:(dist.rank + 1) * params.grad_accum]
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros(2, dtype=torch.float64)
             for j, m in enumerate(micro):
                 # A batch too small to give every rank a micro-batch still runs one (weighted 0) so that
                 # all ranks take part in the gradient all-reduce.
-                weight = len(m) / len(idx) * dist.world
+                weight = len(m) / len(xb) * dist.world
                 if len(m) == 0:
                     m, weight = torch.arange(1), 0.0
                 x, y = xb[m], yb[m]
@@ -431,7 +463,8 @@ def finetune(params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
     classes, spec, train, val = _prepared(prepared_dir)
-    model = load_model(pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False)
+    model = load_model(pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False,
+                       cls_grid=params.cls_grid)
     # The pretrained weights are part of the fingerprint: a new pretrained model must not resume old state.
     weights = np.frombuffer((Path(pretrained_dir) / "model.safetensors").read_bytes(), dtype=np.uint8)
     ckpt = Checkpointer(checkpoint_dir, Checkpointer.fingerprint_of(
