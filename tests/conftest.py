@@ -27,7 +27,8 @@ TINY_PARAMS = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
     "pretrain": {"epochs": 4, "batch_size": 32, "lr": 0.005},
     "finetune": {"epochs": 12, "batch_size": 32, "lr": 0.005},
-    "study": {"fractions": [0.2, 1.0], "steps": 10},
+    "study": {"fractions": [0.05, 0.2], "subsets": 2, "steps": 6, "scratch_steps": 6, "finetune_lrs": [0.005], "scratch_lrs": [0.005],
+              "probe_C": [0.1, 1.0], "svm_C": [1.0, 10.0], "svm_gamma_scale": [1.0]},
     "evaluate": {"completion_images": 2, "completion_samples": 2},
     # No champion comparison here: tests change params freely; tests/test_champion.py switches it on.
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_regression": None},

@@ -1,12 +1,15 @@
-"""The probe and the label-efficiency study: what they measure, on the real pipeline's digits run."""
+"""The probe and the label-efficiency study: what they measure, and the protocol they are held to."""
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import TINY_PARAMS
-from tgm.study import ARMS, label_subset
+from tgm.params import FinetuneParams, StudyParams
+from tgm.study import ARMS, NEURAL, label_subset, select_and_refit, selection_split, study
 
 
 def test_label_subset_is_stratified_seeded_and_keeps_every_class():
@@ -16,6 +19,79 @@ def test_label_subset_is_stratified_seeded_and_keeps_every_class():
     assert np.array_equal(sub, label_subset(labels, 0.1, seed=0))
     assert not np.array_equal(sub, label_subset(labels, 0.1, seed=1))
     assert len(label_subset(labels, 1.0, seed=0)) == len(labels)
+    # The study asks for two per class, one to fit and one to select; a class of one gives what it has.
+    labels = np.repeat(np.arange(3), [40, 20, 1])
+    assert np.bincount(labels[label_subset(labels, 0.01, 0, min_per_class=2)]).tolist() == [2, 2, 1]
+
+
+def test_selection_split_holds_out_part_of_every_class_and_loses_nothing():
+    labels = np.repeat(np.arange(4), [8, 4, 2, 1])
+    fit, select = selection_split(labels, 0.25, seed=3)
+    assert sorted(np.concatenate([fit, select]).tolist()) == list(range(len(labels)))
+    assert np.bincount(labels[select], minlength=4).tolist() == [2, 1, 1, 0]  # a lone image is only fitted
+    assert np.bincount(labels[fit], minlength=4).tolist() == [6, 3, 1, 1]
+    assert np.array_equal(select, selection_split(labels, 0.25, seed=3)[1])
+
+
+class Recorder:
+    """A scikit-learn-like model whose selection score is its setting, recording what it was fitted on."""
+    fits: list = []
+
+    def __init__(self, score):
+        self.setting = score
+
+    def fit(self, x, y):
+        Recorder.fits.append((self.setting, len(x)))
+        return self
+
+    def score(self, x, y):
+        return self.setting
+
+
+def test_selection_keeps_the_best_candidate_first_on_ties_and_refits_it_on_the_whole_subset():
+    Recorder.fits = []
+    x, y = np.zeros((10, 2)), np.zeros(10)
+    model, settings, score = select_and_refit([{"score": 0.5}, {"score": 0.9}, {"score": 0.9}, {"score": 0.1}],
+                                              Recorder, [{"fit": (x[:7], y[:7]), "select": (x[7:], y[7:])}],
+                                              (x, y))
+    assert settings == {"score": 0.9} and score == 0.9 and model.setting == 0.9
+    # Four candidates fitted on the fit part (7 images), the winner once more on all 10.
+    assert Recorder.fits == [(0.5, 7), (0.9, 7), (0.9, 7), (0.1, 7), (0.9, 10)]
+
+
+STUDY = dict(fractions=(0.05,), subsets=1, steps=4, scratch_steps=4, finetune_lrs=(0.005,), scratch_lrs=(0.005,),
+             probe_C=(0.1,), logreg_C=(0.1, 1.0), svm_C=(1.0,), svm_gamma_scale=(1.0,), knn_k=(1, 3))
+
+
+@pytest.mark.slow
+def test_study_never_reads_a_label_outside_its_subset(digits_project, tmp_path):
+    """Scrambling every label the protocol must not see (train labels outside the subsets, all validation
+    labels) leaves every number of the study unchanged."""
+    params = StudyParams(**STUDY)
+    finetune = FinetuneParams(**{**TINY_PARAMS["finetune"], "checkpoint_every": 0})
+    prepared = tmp_path / "prepared"
+    shutil.copytree(digits_project / "data/prepared", prepared)
+
+    def run(tag):
+        return study(params, finetune, prepared, digits_project / "models/pretrained", tmp_path / f"{tag}.json",
+                     tmp_path / f"{tag}.csv", tmp_path / f"{tag}.png")
+
+    first = run("a")
+    labels = np.load(prepared / "train_labels.npy")
+    seen = np.concatenate([label_subset(labels, f, params.seed + s, min_per_class=2)
+                           for f in params.fractions for s in range(params.subsets)])
+    hidden = np.setdiff1d(np.arange(len(labels)), seen)
+    rng = np.random.default_rng(0)
+    scrambled = labels.copy()
+    scrambled[hidden] = rng.permutation(labels[hidden])  # class counts kept, so the prepared data still checks
+    assert (scrambled != labels).mean() > 0.5
+    np.save(prepared / "train_labels.npy", scrambled)
+    val = np.load(prepared / "val_labels.npy")
+    np.save(prepared / "val_labels.npy", rng.permutation(val))
+    assert run("b") == first
+    table = pd.read_csv(tmp_path / "a.csv")
+    assert set(table["arm"]) == set(ARMS)
+    assert table.loc[table["arm"].isin(NEURAL), "train_accuracy"].notna().all()
 
 
 @pytest.mark.slow
@@ -33,16 +109,25 @@ def test_probe_reports_every_layer_and_picks_the_best_on_validation(digits_proje
 
 
 @pytest.mark.slow
-def test_study_has_every_arm_for_every_fraction(digits_project):
+def test_study_summarises_every_arm_over_its_subsets(digits_project):
     metrics = json.loads((digits_project / "metrics/study.json").read_text())
-    fractions = TINY_PARAMS["study"]["fractions"]
-    keys = [f"{f * 100:g}pct" for f in fractions]
-    assert sorted(k for k in metrics if k.endswith("pct")) == sorted(keys)
-    for key in keys:
-        assert set(metrics[key]) == {"labelled", *ARMS}
-        assert all(0.0 <= metrics[key][a] <= 1.0 for a in ARMS)
-        assert metrics["pretraining_gain"][key] == pytest.approx(metrics[key]["pretrained"] - metrics[key]["scratch"])
     table = pd.read_csv(digits_project / "plots/label_efficiency.csv")
-    assert list(table["fraction"]) == sorted(fractions)
-    assert table["labelled"].is_monotonic_increasing
+    fractions, subsets = TINY_PARAMS["study"]["fractions"], TINY_PARAMS["study"]["subsets"]
+    assert len(table) == len(fractions) * subsets * len(ARMS)
+    assert sorted(metrics) == sorted(f"{f * 100:g}pct" for f in fractions)
+    for fraction, rows in table.groupby("fraction"):
+        entry = metrics[f"{fraction * 100:g}pct"]
+        assert entry["subsets"] == subsets
+        for arm in ARMS:
+            acc = rows.loc[rows["arm"] == arm, "test_accuracy"]
+            assert entry[arm]["mean"] == pytest.approx(acc.mean(), abs=1e-6)
+            assert entry[arm]["std"] == pytest.approx(acc.std(ddof=0), abs=1e-6)
+        # T-GM's answer is, run by run, the fine-tune or the probe, whichever did better on selection.
+        for subset, run in rows.groupby("subset"):
+            by_arm = run.set_index("arm")
+            picked = by_arm.loc["tgm", "choice"]
+            other = "probe" if picked == "finetune" else "finetune"
+            assert by_arm.loc["tgm", "test_accuracy"] == by_arm.loc[picked, "test_accuracy"]
+            assert by_arm.loc[picked, "select_accuracy"] >= by_arm.loc[other, "select_accuracy"]
+        assert entry["tgm_minus_svm"] == pytest.approx(entry["tgm"]["mean"] - entry["svm_rbf"]["mean"], abs=1e-6)
     assert (digits_project / "plots/label_efficiency.png").stat().st_size > 1000

@@ -21,15 +21,18 @@ STAGES = {
         the palette and meta.json to data/prepared/.""",
     "pretrain": """Train the transformer to predict the next pixel on the training images (labels unused).
         Writes models/pretrained/ (safetensors + config), metrics/pretrain.json, plots/pretrain_curve.csv.""",
-    "finetune": """Fine-tune the pretrained model as a classifier: average-pooled features -> linear head,
-        loss = class cross-entropy + finetune.lambda_gen * next-pixel loss, early stopping on validation.
-        Writes models/classifier/, metrics/finetune.json, plots/finetune_curve.csv.""",
+    "finetune": """Fine-tune the pretrained model as a classifier: features averaged over a finetune.cls_grid
+        square grid of image regions -> linear head, loss = class cross-entropy + finetune.lambda_gen *
+        next-pixel loss, early stopping on validation. Writes models/classifier/, metrics/finetune.json,
+        plots/finetune_curve.csv.""",
     "probe": """Linear probes on the pretrained model: average-pooled features of every layer, a logistic
         regression per layer fitted on train, the layer chosen on validation. Writes metrics/probe.json and
         plots/probe.csv (accuracy per layer).""",
-    "study": """Label-efficiency study: fine-tune with each share of the training labels in study.fractions,
-        from the pretrained model and from scratch with the same budget, next to logistic regression, RBF SVM
-        and kNN on the pixels. Writes metrics/study.json, plots/label_efficiency.csv and .png.""",
+    "study": """Label-efficiency study under one protocol: for each share of the training labels in
+        study.fractions, study.subsets stratified labelled subsets; every arm (pretrained fine-tune, linear
+        probe, from scratch, logistic regression, RBF SVM, kNN) picks its settings inside its subset alone
+        (holdout or k-fold, study.folds), refits on the whole subset, and is scored once on test. Writes
+        metrics/study.json (mean and spread per arm), plots/label_efficiency.csv (every run) and .png.""",
     "evaluate": """Score the classifier on the test split: metrics/evaluate.json (accuracy, macro-F1,
         per-class recall, test bits per pixel, an RBF-SVM reference), plots/confusion.csv and
         plots/completions.png (top halves given, bottom halves sampled by the pretrained model).""",

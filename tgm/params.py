@@ -116,6 +116,8 @@ class TrainParams:
     compile: bool = False  # torch.compile the model for training (pays off on CUDA; slow to start on CPU)
     checkpoint_every: int = 50  # optimizer steps between crash-safe checkpoints; 0 turns them off
     augment_shift: int = 0  # shift training images by up to this many pixels (fill: the image's corner)
+    augment_rotate: float = 0.0  # rotate training images by up to this many degrees either way
+    augment_scale: float = 0.0  # zoom training images in or out by up to this fraction
 
     def check(self, group: str) -> None:
         _at_least(f"{group}.epochs", self.epochs, 1)
@@ -135,15 +137,21 @@ class TrainParams:
                               f"{self.batch_size}")
         _at_least(f"{group}.checkpoint_every", self.checkpoint_every, 0)
         _at_least(f"{group}.augment_shift", self.augment_shift, 0)
+        if not 0 <= self.augment_rotate <= 180:
+            raise ParamsError(f"{group}.augment_rotate: {self.augment_rotate} is not in [0, 180] degrees")
+        if not 0 <= self.augment_scale < 1:
+            raise ParamsError(f"{group}.augment_scale: {self.augment_scale} is not in [0, 1)")
 
 
 @dataclass(frozen=True)
 class FinetuneParams(TrainParams):
     lambda_gen: float = 0.5  # weight of the next-pixel loss next to the class loss (iGPT: joint loss)
+    cls_grid: int = 1  # the head averages features over cls_grid x cls_grid image regions (1: iGPT's average)
 
     def check(self, group: str = "finetune") -> None:
         super().check(group)
         _at_least(f"{group}.lambda_gen", self.lambda_gen, 0)
+        _at_least(f"{group}.cls_grid", self.cls_grid, 1)
 
 
 @dataclass(frozen=True)
@@ -160,11 +168,22 @@ class ProbeParams:
 
 @dataclass(frozen=True)
 class StudyParams:
-    """Label-efficiency study: fine-tune on a share of the training labels, pretrained vs from scratch."""
-    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # shares of the training labels (stratified, seeded)
-    steps: int = 200  # optimizer steps per fine-tuning run, the same for every arm
-    scratch_lr: float = 0.002  # peak learning rate of the from-scratch arm (finetune.lr serves the pretrained)
-    knn_k: int = 5
+    """Label-efficiency study (protocol in tgm/study.py and the README): every arm on the same labelled
+    subsets, each selecting its settings on a held-out part of its subset only."""
+    fractions: tuple[float, ...] = (0.01, 0.1)  # shares of the training labels (stratified, seeded)
+    subsets: int = 3  # label subsets per share (seeds seed, seed+1, ...): mean and spread are reported
+    folds: int = 1  # model selection inside each subset: 1 = one holdout, k >= 2 = stratified k-fold
+    holdout: float = 0.25  # with folds 1: share of each subset held out for selection (at least one per class)
+    steps: int = 80  # optimizer steps of the pretrained fine-tune's selection run on each fit part
+    scratch_steps: int = 120  # ... and of the from-scratch arm's, which starts from nothing
+    unlabelled: bool = False  # neural arms add the next-pixel loss on the unlabelled training images
+    finetune_lrs: tuple[float, ...] = (0.001,)  # learning rates the pretrained fine-tune chooses from
+    scratch_lrs: tuple[float, ...] = (0.005,)  # learning rates the from-scratch arm chooses from
+    probe_C: tuple[float, ...] = (0.01, 0.1, 1.0)  # the probe's C grid (each layer and all layers)
+    logreg_C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+    svm_C: tuple[float, ...] = (1.0, 10.0, 100.0)
+    svm_gamma_scale: tuple[float, ...] = (0.3, 1.0, 3.0)  # multiples of scikit-learn's gamma='scale'
+    knn_k: tuple[int, ...] = (1, 3, 5, 9)
     seed: int = 0
 
     def check(self) -> None:
@@ -173,10 +192,19 @@ class StudyParams:
         for f in self.fractions:
             if not 0 < f <= 1:
                 raise ParamsError(f"study.fractions: {f} is not in (0, 1]")
+        _at_least("study.subsets", self.subsets, 1)
+        _at_least("study.folds", self.folds, 1)
+        _fraction("study.holdout", self.holdout, open_low=True, open_high=True)
         _at_least("study.steps", self.steps, 1)
-        if not 0 < self.scratch_lr < 1:
-            raise ParamsError(f"study.scratch_lr: {self.scratch_lr} is not in (0, 1)")
-        _at_least("study.knn_k", self.knn_k, 1)
+        _at_least("study.scratch_steps", self.scratch_steps, 1)
+        for key in ("finetune_lrs", "scratch_lrs"):
+            values = getattr(self, key)
+            if not values or not all(0 < v < 1 for v in values):
+                raise ParamsError(f"study.{key}: needs one or more learning rates in (0, 1), got {list(values)}")
+        for key in ("probe_C", "logreg_C", "svm_C", "svm_gamma_scale", "knn_k"):
+            values = getattr(self, key)
+            if not values or not all(v > 0 for v in values):
+                raise ParamsError(f"study.{key}: needs one or more values > 0, got {list(values)}")
 
 
 @dataclass(frozen=True)
@@ -304,6 +332,11 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return float(value)
     if origin is tuple:
         item = typing.get_args(hint)[0]
+        if item is int:
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                      for v in value):
+                raise ParamsError(f"{key}: expected a list of integers, got {value!r}")
+            return tuple(value)
         if item is float:
             if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                       for v in value):

@@ -15,21 +15,22 @@ import pandas as pd
 import torch
 
 from tgm.io import write_json
-from tgm.model import TGM, load_model
+from tgm.model import TGM, grid_pool, load_model
 from tgm.params import ProbeParams
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def pooled_features(model: TGM, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """(n_layer + 1, N, C): per layer, each image's features averaged over its positions."""
+def pooled_features(model: TGM, tokens: np.ndarray, grid: int = 1, batch_size: int = 256) -> np.ndarray:
+    """(n_layer + 1, N, grid * grid * C): per layer, each image's features averaged over its positions (grid 1)
+    or over each cell of a grid x grid partition of the image (see model.grid_pool)."""
     model.eval()
     out = []
     for i in range(0, len(tokens), batch_size):
         x = model.shift_right(torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)))
         _, layers = model.hidden(x, all_layers=True)
-        out.append(torch.stack(layers).mean(dim=2).float().numpy())
+        out.append(torch.stack([grid_pool(h, grid) for h in layers]).float().numpy())
     return np.concatenate(out, axis=1)
 
 

@@ -1,127 +1,337 @@
 """study: does generative pretraining pay off when labels are scarce? (iGPT's label-efficiency question)
 
-For each share of the training labels in study.fractions (a stratified, seeded subset, at least one image
-per class), the same fine-tuning recipe (finetune.* params) runs twice with the same budget of
-study.steps optimizer steps: (a) from the pretrained model, (b) from a randomly initialised model of the
-same architecture. Neither arm looks at validation labels: both keep their last weights, so the comparison
-holds what a user with that few labels could actually do. Next to them, on the same subsets and the same
-quantised pixels: logistic regression, an RBF SVM and k-nearest neighbours. Everything is scored on the
-full test split.
+The protocol, enforced here and written down in the README:
+
+- Labelled subsets. For each share of the training labels in study.fractions and each of study.subsets seeds,
+  a stratified subset L of the training split: round(fraction x class size) images per class, at least two
+  (one to fit, one to select; k with k folds). The other training images stay unlabelled pixels. No arm ever sees a label
+  outside L; validation labels are not used at all; test images are scored once per arm and subset.
+- One rule of model selection for every arm. L is split, stratified and seeded, into fit and selection
+  parts: one holdout (study.folds = 1: study.holdout of each class, at least one image) or k-fold
+  (study.folds = k). Each candidate in an arm's grid is fitted on each fit part and scored by accuracy on
+  its selection part. The best mean (ties: the first in the grid, which lists the most regularised settings
+  first) is fitted again on the whole of L, and only that model meets the test split. For the neural arms a
+  candidate is a learning rate plus a number of epochs: one run of about study.steps optimizer steps per fit
+  part, scored after every epoch (accuracy, ties broken by the lower selection loss), then a refit on L for
+  the chosen number of epochs.
+- Arms. finetune: the pretrained T-GM fine-tuned with the finetune.* recipe (joint loss, shift augmentation,
+  finetune.cls_grid head) at each rate in study.finetune_lrs, study.steps steps. scratch: the same
+  architecture and recipe from a random initialisation, with its own rates (study.scratch_lrs) and its own,
+  larger budget (study.scratch_steps): a transformer trained from nothing needs more steps to fit even a
+  small subset, and its training accuracy is reported to show whether it did. probe: logistic
+  regression on the pretrained model's grid-pooled features of each layer and of all layers concatenated,
+  over study.probe_C. tgm: whichever of finetune and probe scored better on the selection part (ties: the
+  probe, the cheaper one) -- what a user with only L would deploy. Pixel baselines on the same quantised
+  pixels: logistic regression (C), an RBF SVM (C x gamma) and kNN (k).
+- With study.unlabelled, both neural arms also take the next-pixel loss on the unlabelled training images
+  at every step (iGPT's joint loss extended to the unlabelled pool). The pretrained model saw those pixels
+  in pretraining anyway; no arm sees their labels.
+
+metrics/study.json holds mean, spread (population standard deviation) and range per arm and share, and the
+neural arms' final training accuracy on L (did they fit it?); plots/label_efficiency.csv holds every run.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tgm.inference import predict_proba
 from tgm.io import write_json
-from tgm.model import TGM, load_model
 from tgm.params import FinetuneParams, StudyParams
 
 log = logging.getLogger(__name__)
-ARMS = ("pretrained", "scratch", "logreg", "svm_rbf", "knn")
+NEURAL = ("finetune", "scratch")
+PIXEL = ("logreg", "svm_rbf", "knn")
+ARMS = ("tgm", "finetune", "probe", "scratch", *PIXEL)
 
 
-def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a stratified share of the images: round(fraction x class size), at least one per class."""
+def label_subset(labels: np.ndarray, fraction: float, seed: int, min_per_class: int = 1) -> np.ndarray:
+    """Indices of a stratified share of the images: round(fraction x class size) per class, at least
+    min_per_class (or the whole class when it is smaller)."""
     rng = np.random.default_rng(seed)
     picks = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        k = max(1, round(fraction * len(members)))
+        k = min(len(members), max(min_per_class, round(fraction * len(members))))
         picks.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(picks))
 
 
-def pixel_baselines(x_train, y_train, x_test, y_test, knn_k: int) -> dict[str, float]:
+def selection_split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into `labels`) of the fit part and the selection part: per class, round(holdout x size)
+    images, at least one, are held out for selection; a class of one image is only fitted."""
+    rng = np.random.default_rng(seed)
+    fit, select = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        k = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(holdout * len(members))))
+        select.append(members[:k])
+        fit.append(members[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(select))
+
+
+def selection_folds(labels: np.ndarray, folds: int, holdout: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (fit, selection) position pairs that every arm scores its candidates on: one stratified holdout
+    (folds=1), or stratified k-fold over the subset (k = folds, at most the smallest class's size)."""
+    if folds == 1:
+        return [selection_split(labels, holdout, seed)]
+    from sklearn.model_selection import StratifiedKFold
+
+    k = min(folds, int(np.unique(labels, return_counts=True)[1].min()))
+    if k < 2:  # a class of one image cannot be in two folds
+        return [selection_split(labels, holdout, seed)]
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(fit, select) for fit, select in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def select_and_refit(candidates: list[dict], make, splits: list[dict], everything: tuple):
+    """The selection rule for a scikit-learn arm: fit each candidate on each fit part, keep the best mean
+    accuracy over the selection parts (ties: the first), refit it on everything. `splits` holds dicts with
+    "fit" and "select" (x, y) pairs. Returns (model, its settings, its mean selection accuracy)."""
+    best, best_score = None, -1.0
+    for settings in candidates:
+        score = float(np.mean([make(**settings).fit(*s["fit"]).score(*s["select"]) for s in splits]))
+        if score > best_score:
+            best, best_score = settings, score
+    return make(**best).fit(*everything), best, best_score
+
+
+def pixel_candidates(n_fit: int, params: StudyParams) -> dict[str, list[dict]]:
+    return {"logreg": [{"C": c} for c in params.logreg_C],
+            "svm_rbf": [{"C": c, "gamma_scale": g} for c in params.svm_C for g in params.svm_gamma_scale],
+            "knn": [{"k": k} for k in params.knn_k if k <= n_fit] or [{"k": 1}]}
+
+
+def pixel_model(arm: str, **settings):
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
 
-    models = {"logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
-              "svm_rbf": SVC(kernel="rbf"),
-              "knn": KNeighborsClassifier(n_neighbors=min(knn_k, len(y_train)))}
-    return {name: round(float(m.fit(x_train, y_train).score(x_test, y_test)), 6) for name, m in models.items()}
+    if arm == "logreg":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=settings["C"], max_iter=3000))
+    if arm == "knn":
+        return KNeighborsClassifier(n_neighbors=settings["k"])
+    return ScaledRBF(settings["C"], settings["gamma_scale"])
 
 
-def finetune_arm(model: TGM, train: tuple[np.ndarray, np.ndarray], params: FinetuneParams, steps: int,
-                 test: tuple[np.ndarray, np.ndarray], device) -> tuple[float, int]:
+class ScaledRBF:
+    """An RBF SVM whose gamma is a multiple of scikit-learn's 'scale' (1 / (features x variance)) of the data
+    it is fitted on, so that one grid suits any image size and palette."""
+
+    def __init__(self, C: float, gamma_scale: float):
+        self.C, self.gamma_scale = C, gamma_scale
+
+    def fit(self, x, y):
+        from sklearn.svm import SVC
+
+        gamma = self.gamma_scale / (x.shape[1] * max(float(x.var()), 1e-12))
+        self.svc = SVC(C=self.C, gamma=gamma).fit(x, y)
+        return self
+
+    def score(self, x, y) -> float:
+        return self.svc.score(x, y)
+
+
+class LayerProbe:
+    """Logistic regression on one layer's features, or on layers 1.. concatenated ("all"), of an array
+    (layers, N, D) whose layer 0 is the embedding."""
+
+    def __init__(self, C: float, layer: int | str):
+        self.C, self.layer = C, layer
+
+    def _pick(self, features: np.ndarray) -> np.ndarray:
+        if self.layer == "all":
+            return features[1:].transpose(1, 0, 2).reshape(features.shape[1], -1)
+        return features[self.layer]
+
+    def fit(self, features, y):
+        self.model = pixel_model("logreg", C=self.C).fit(self._pick(features), y)
+        return self
+
+    def score(self, features, y) -> float:
+        return self.model.score(self._pick(features), y)
+
+
+def train_neural(model, x, y, params: FinetuneParams, epochs: int, unlabelled, selection, device):
+    """Fine-tune `model` in place for `epochs` epochs; with a selection set, return its per-epoch history."""
     from tgm.train import fit
 
-    steps_per_epoch = math.ceil(len(train[0]) / params.batch_size)
-    epochs = max(1, math.ceil(steps / steps_per_epoch))
     budget = dataclasses.replace(params, epochs=epochs, patience=epochs + 1, checkpoint_every=0)
-    fit(model.to(device), train, None, budget, "classify", device, lambda_gen=params.lambda_gen,
-        restore_best=False)
-    pred = predict_proba(model.cpu(), test[0]).argmax(1)
-    return round(float((pred == test[1]).mean()), 6), epochs * steps_per_epoch
+    history, _ = fit(model.to(device), (x, y), selection, budget, "classify", device,
+                     lambda_gen=params.lambda_gen, restore_best=False, unlabelled=unlabelled)
+    return history
+
+
+def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, unlabelled, device) -> dict:
+    """The selection rule for a neural arm: for each learning rate, on each fit part, one run of about `steps`
+    steps scored on its selection part after every epoch; the (lr, epochs) with the best mean selection
+    accuracy (ties: lower mean selection loss, then fewer epochs, then the first lr) is trained again on all
+    of the subset."""
+    from tgm.inference import predict_proba
+    from tgm.train import seed_everything
+
+    n_fit = np.mean([len(s["fit"][1]) for s in data["splits"]])
+    epochs = max(1, math.ceil(steps / math.ceil(n_fit / params.batch_size)))
+    best = None
+    for lr in lrs:
+        runs = []
+        for split in data["splits"]:
+            seed_everything(params.seed)
+            runs.append(train_neural(make_model(), *split["fit"], dataclasses.replace(params, lr=lr), epochs,
+                                     unlabelled, split["select"], device))
+        for e in range(epochs):
+            acc = float(np.mean([h[e]["val_accuracy"] for h in runs]))
+            loss = float(np.mean([h[e]["val_cls_loss"] for h in runs]))
+            if best is None or (-acc, loss, e + 1) < best[0]:
+                best = ((-acc, loss, e + 1), lr, e + 1, acc)
+    _, lr, chosen_epochs, select_acc = best
+    seed_everything(params.seed)
+    model = make_model()
+    x_all, y_all = data["all"]
+    train_neural(model, x_all, y_all, dataclasses.replace(params, lr=lr), chosen_epochs, unlabelled, None,
+                 device)
+    model = model.cpu()
+    accuracy = lambda x, y: float((predict_proba(model, x).argmax(1) == y).mean())  # noqa: E731
+    return {"test": accuracy(*data["test"]), "train": accuracy(x_all, y_all), "select": select_acc,
+            "choice": f"lr={lr:g} epochs={chosen_epochs}"}
+
+
+def sklearn_arm(candidates, make, data: dict) -> dict:
+    model, settings, select_acc = select_and_refit(candidates, make, data["splits"], data["all"])
+    return {"test": float(model.score(*data["test"])), "select": select_acc,
+            "choice": " ".join(f"{k}={v}" for k, v in settings.items())}
 
 
 def study(params: StudyParams, finetune_params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
           pretrained_dir: str | Path = "models/pretrained", metrics_path: str | Path = "metrics/study.json",
           table_path: str | Path = "plots/label_efficiency.csv",
           plot_path: str | Path = "plots/label_efficiency.png") -> dict:
-    from tgm.model import TGMConfig
+    from tgm.model import TGM, load_model
     from tgm.prepare import check_prepared, load_split
     from tgm.preprocess import PreprocessSpec, pixel_features
-    from tgm.train import resolve_device, seed_everything
+    from tgm.probe import pooled_features
+    from tgm.train import resolve_device
 
-    classes = check_prepared(prepared_dir)["classes"]
+    n_classes = len(check_prepared(prepared_dir)["classes"])
     spec = PreprocessSpec.load(prepared_dir)
     train, test = load_split(prepared_dir, "train"), load_split(prepared_dir, "test")
+    if min(len(train[0]), len(test[0])) == 0:
+        raise ValueError("study: the train or test split is empty")
     device = resolve_device(finetune_params.device)
+    grid = finetune_params.cls_grid
+
+    def pretrained_model():
+        return load_model(pretrained_dir, n_classes=n_classes, strict=False, cls_grid=grid)
+
+    def scratch_model():
+        return TGM(dataclasses.replace(load_model(pretrained_dir).cfg, n_classes=n_classes, cls_grid=grid))
+
+    # Features and pixels of every training image are computed once; each arm indexes its subset.
+    encoder = load_model(pretrained_dir)
+    features = {"train": pooled_features(encoder, train[0], grid), "test": pooled_features(encoder, test[0], grid)}
     pixels = {"train": pixel_features(train[0], spec), "test": pixel_features(test[0], spec)}
-    rows = []
+    runs = []
     for fraction in sorted(set(params.fractions)):
-        idx = label_subset(train[1], fraction, params.seed)
-        subset = (train[0][idx], train[1][idx])
-        row = {"fraction": fraction, "labelled": len(idx)}
+        for subset in range(params.subsets):
+            seed = params.seed + subset
+            idx = label_subset(train[1], fraction, seed, min_per_class=max(2, params.folds))
+            folds = [{"fit": idx[f], "select": idx[s]}
+                     for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)]
+            unlabelled = np.delete(train[0], idx, axis=0) if params.unlabelled else None
 
-        seed_everything(finetune_params.seed)
-        pretrained = load_model(pretrained_dir, n_classes=len(classes), strict=False)
-        row["pretrained"], row["steps"] = finetune_arm(pretrained, subset, finetune_params, params.steps, test,
-                                                       device)
-        seed_everything(finetune_params.seed)
-        scratch = TGM(TGMConfig(**{**dataclasses.asdict(pretrained.cfg), "n_classes": len(classes)}))
-        row["scratch"], _ = finetune_arm(scratch, subset, dataclasses.replace(finetune_params,
-                                                                              lr=params.scratch_lr),
-                                         params.steps, test, device)
-        row.update(pixel_baselines(pixels["train"][idx], subset[1], pixels["test"], test[1], params.knn_k))
-        log.info("study: %g of the labels (%d images, %d steps): %s", fraction, len(idx), row["steps"],
-                 "  ".join(f"{a} {row[a]:.4f}" for a in ARMS))
-        rows.append(row)
+            def data(source, test_x, pick=lambda x, i: x[i]):
+                """The subset's folds, the whole subset and the test split, from one view of the images."""
+                view = lambda i: (pick(source, i), train[1][i])  # noqa: E731
+                return {"splits": [{k: view(i) for k, i in f.items()} for f in folds], "all": view(idx),
+                        "test": (test_x, test[1])}
 
-    table = pd.DataFrame(rows)[["fraction", "labelled", "steps", *ARMS]]
+            results = {}
+            for arm, make, lrs, steps in (("finetune", pretrained_model, params.finetune_lrs, params.steps),
+                                          ("scratch", scratch_model, params.scratch_lrs, params.scratch_steps)):
+                t0 = time.perf_counter()
+                results[arm] = neural_arm(make, lrs, data(train[0], test[0]), finetune_params, steps,
+                                          unlabelled, device)
+                log.info("study: %s, %g of the labels, subset %d: %.1fs", arm, fraction, subset,
+                         time.perf_counter() - t0)
+            layers = list(range(1, features["train"].shape[0])) + ["all"]
+            results["probe"] = sklearn_arm([{"C": c, "layer": layer} for layer in layers for c in params.probe_C],
+                                           LayerProbe, data(features["train"], features["test"],
+                                                            pick=lambda x, i: x[:, i]))
+            for arm, candidates in pixel_candidates(min(len(f["fit"]) for f in folds), params).items():
+                results[arm] = sklearn_arm(candidates, lambda _arm=arm, **s: pixel_model(_arm, **s),
+                                           data(pixels["train"], pixels["test"]))
+            # What a user holding only L would deploy: the T-GM variant that did better on the selection part.
+            picked = "finetune" if results["finetune"]["select"] > results["probe"]["select"] else "probe"
+            results["tgm"] = {**results[picked], "choice": picked}
+            for arm, r in results.items():
+                runs.append({"fraction": fraction, "labelled": len(idx), "subset": subset, "arm": arm,
+                             "test_accuracy": round(r["test"], 6), "select_accuracy": round(r["select"], 6),
+                             "train_accuracy": round(r["train"], 6) if "train" in r else None,
+                             "choice": r["choice"]})
+            log.info("study: %g of the labels (%d images), subset %d: %s", fraction, len(idx), subset,
+                     "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS))
+
+    table = pd.DataFrame(runs)
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(table_path, index=False)
-    draw(table, Path(plot_path))
-    metrics = {f"{r['fraction'] * 100:g}pct": {k: r[k] for k in ("labelled", *ARMS)} for r in rows}
-    metrics["pretraining_gain"] = {f"{r['fraction'] * 100:g}pct": round(r["pretrained"] - r["scratch"], 6)
-                                   for r in rows}
+    metrics = summarise(table)
+    draw(table, Path(plot_path), params)
     write_json(metrics_path, metrics)
     return metrics
 
 
-def draw(table: pd.DataFrame, path: Path) -> None:
+def summarise(table: pd.DataFrame) -> dict:
+    """Per share of the labels: each arm's mean, spread and range of test accuracy over the subsets, the
+    neural arms' mean training accuracy, how often T-GM's pick was the fine-tune, and the headline gaps."""
+    metrics: dict = {}
+    for fraction, rows in table.groupby("fraction", sort=True):
+        key = f"{fraction * 100:g}pct"
+        entry = {"labelled": int(rows["labelled"].mean()), "subsets": int(rows["subset"].nunique())}
+        for arm in ARMS:
+            acc = rows.loc[rows["arm"] == arm, "test_accuracy"]
+            entry[arm] = {"mean": round(float(acc.mean()), 6), "std": round(float(acc.std(ddof=0)), 6),
+                          "min": round(float(acc.min()), 6), "max": round(float(acc.max()), 6)}
+            if arm in NEURAL:
+                train_acc = rows.loc[rows["arm"] == arm, "train_accuracy"]
+                entry[arm]["train_accuracy"] = round(float(train_acc.mean()), 6)
+        entry["tgm"]["finetune_picked"] = int((rows.loc[rows["arm"] == "tgm", "choice"] == "finetune").sum())
+        entry["tgm_minus_svm"] = round(entry["tgm"]["mean"] - entry["svm_rbf"]["mean"], 6)
+        entry["pretraining_gain"] = round(entry["finetune"]["mean"] - entry["scratch"]["mean"], 6)
+        metrics[key] = entry
+    return metrics
+
+
+def protocol_line(params: StudyParams) -> str:
+    rule = (f"a held-out {params.holdout:g} of its subset" if params.folds == 1 else
+            f"{params.folds}-fold cross-validation inside its subset")
+    return (f"{params.subsets} label subsets per share; every arm selects its settings by {rule}, then refits "
+            "on all of it; test split untouched by selection"
+            + ("; neural arms also see the unlabelled pixels' next-pixel loss" if params.unlabelled else ""))
+
+
+def draw(table: pd.DataFrame, path: Path, params: StudyParams) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    styles = {"pretrained": "o-", "scratch": "s-", "logreg": "^--", "svm_rbf": "v--", "knn": "d--"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"tgm": "o-", "finetune": ".:", "probe": "x:", "scratch": "s-", "logreg": "^--", "svm_rbf": "v--",
+              "knn": "d--"}
     for arm, style in styles.items():
-        ax.plot(table["labelled"], table[arm], style, label=arm, markersize=4)
+        stats = table[table["arm"] == arm].groupby("labelled")["test_accuracy"].agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], fmt=style, label=arm, markersize=4,
+                    capsize=3, linewidth=1.6 if arm == "tgm" else 1.0)
     ax.set_xscale("log")
     ax.set_xlabel("labelled training images")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Label efficiency: T-GM pretrained vs from scratch vs pixel baselines", fontsize=9)
+    ax.set_ylabel("test accuracy (mean +/- std over subsets)")
+    fig.suptitle("Label efficiency: T-GM vs from scratch vs pixel baselines", fontsize=9)
+    ax.set_title(protocol_line(params), fontsize=6.5, wrap=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
