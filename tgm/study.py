@@ -163,8 +163,14 @@ def train_neural(model, x, y, params: FinetuneParams, epochs: int, unlabelled, s
     from tgm.train import fit
 
     budget = dataclasses.replace(params, epochs=epochs, patience=epochs + 1, checkpoint_every=0)
-    history, _ = fit(model.to(device), (x, y), selection, budget, "classify", device,
-                     lambda_gen=params.lambda_gen, restore_best=False, unlabelled=unlabelled)
+    train_log = logging.getLogger("tgm.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # dozens of short runs: one line per run below, not one per epoch
+    try:
+        history, _ = fit(model.to(device), (x, y), selection, budget, "classify", device,
+                         lambda_gen=params.lambda_gen, restore_best=False, unlabelled=unlabelled)
+    finally:
+        train_log.setLevel(level)
     return history
 
 
@@ -328,6 +334,9 @@ def draw(table: pd.DataFrame, path: Path, params: StudyParams) -> None:
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], fmt=style, label=arm, markersize=4,
                     capsize=3, linewidth=1.6 if arm == "tgm" else 1.0)
     ax.set_xscale("log")
+    counts = sorted(table["labelled"].unique())
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
     ax.set_xlabel("labelled training images")
     ax.set_ylabel("test accuracy (mean +/- std over subsets)")
     fig.suptitle("Label efficiency: T-GM vs from scratch vs pixel baselines", fontsize=9)
