@@ -1,5 +1,4 @@
 """The probe and the label-efficiency study: what they measure, and the protocol they are held to."""
-import dataclasses
 import json
 import shutil
 
