@@ -1,4 +1,5 @@
 """What the benchmarks share: the FLOP count of a training step and the device's measured matmul peak."""
+
 from __future__ import annotations
 
 import time
@@ -17,7 +18,7 @@ def train_flops_per_token(cfg: TGMConfig) -> float:
 
 def matmul_train_flops_per_token(cfg: TGMConfig) -> float:
     """The weight-matrix part of train_flops_per_token: 6 x the parameters in matrix multiplies."""
-    return 6.0 * (cfg.n_layer * 12 * cfg.n_embd ** 2 + cfg.n_embd * cfg.palette_size)
+    return 6.0 * (cfg.n_layer * 12 * cfg.n_embd**2 + cfg.n_embd * cfg.palette_size)
 
 
 def sync(device: torch.device) -> None:
@@ -38,4 +39,4 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best

@@ -17,6 +17,7 @@ Another busy process on the same cores slows OpenMP kernels many-fold, hence the
 most any attention kernel could give: that step plus the causal half of the attention FLOPs at the matmul peak.
 Then it profiles T-GM's step by kind of operator.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,10 +68,17 @@ class ImageGPTAsTGM(nn.Module):
 
 def hf_config(cfg: TGMConfig) -> ImageGPTConfig:
     return ImageGPTConfig(
-        vocab_size=cfg.palette_size + 1, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=cfg.palette_size + 1,
+        n_positions=cfg.seq_len,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         activation_function="gelu",  # T-GM's exact GELU; ImageGPT defaults to quick_gelu
-        use_cache=False)  # a training step has no use for a KV cache
+        use_cache=False,
+    )  # a training step has no use for a KV cache
 
 
 def sdpa_supported(cfg: ImageGPTConfig) -> bool:
@@ -117,8 +125,10 @@ def attention_free():
 def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
     """Median tokens/s per model over alternating timed rounds of `args.steps` steps each. With --breakdown,
     a third arm times T-GM with attention free, in the same rounds: the ceiling of any faster attention."""
-    arms = {"T-GM": (lambda: TGM(cfg), contextlib.nullcontext),
-            "HF": (lambda: ImageGPTAsTGM(hf_config(cfg)), contextlib.nullcontext)}
+    arms = {
+        "T-GM": (lambda: TGM(cfg), contextlib.nullcontext),
+        "HF": (lambda: ImageGPTAsTGM(hf_config(cfg)), contextlib.nullcontext),
+    }
     if args.breakdown:
         arms[NO_ATTENTION] = (lambda: TGM(cfg), attention_free)
     models = {}
@@ -129,7 +139,7 @@ def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
     seconds = {name: [] for name in models}
     deadline = time.perf_counter() + args.max_seconds
     for r in range(args.rounds):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):  # no model always goes first
+        for name in list(models) if r % 2 == 0 else list(models)[::-1]:  # no model always goes first
             model, opt, context = models[name]
             with context():
                 t0 = time.perf_counter()
@@ -150,8 +160,10 @@ def breakdown(cfg: TGMConfig, args, amp: torch.dtype | None, hf_tokens_per_s: fl
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             train_step(model, opt, x, amp)
-    kinds = {"matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
-             "attention (SDPA)": ("aten::_scaled_dot_product",)}
+    kinds = {
+        "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+        "attention (SDPA)": ("aten::_scaled_dot_product",),
+    }
     seconds = dict.fromkeys([*kinds, "everything else"], 0.0)
     for event in prof.key_averages():
         kind = next((k for k, names in kinds.items() if event.key.startswith(names)), "everything else")
@@ -180,17 +192,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="no new round starts after this, per dtype")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="also time T-GM with attention free (the ceiling of a faster attention), then profile "
-                         "T-GM's step: time in matrix products, attention and the rest")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time T-GM with attention free (the ceiling of a faster attention), then profile "
+        "T-GM's step: time in matrix products, attention and the rest",
+    )
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if unknown := set(dtypes) - set(AMP):
         ap.error(f"unknown dtypes {sorted(unknown)}; choose from {sorted(AMP)}")
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
-    cfg = TGMConfig(palette_size=args.palette, seq_len=args.image_size ** 2, n_layer=args.layers,
-                    n_head=args.heads, n_embd=args.embd)
+    cfg = TGMConfig(
+        palette_size=args.palette, seq_len=args.image_size**2, n_layer=args.layers, n_head=args.heads, n_embd=args.embd
+    )
     hf_cfg = hf_config(cfg)
     n_tgm = TGM(cfg).num_params()
     hf_probe = ImageGPTForCausalImageModeling(hf_cfg)
@@ -198,16 +214,24 @@ def main() -> None:
     sdpa = sdpa_supported(hf_cfg)
     flops_per_token = train_flops_per_token(cfg)
 
-    print(f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, sequence {cfg.seq_len} "
-          f"({args.image_size}x{args.image_size}), palette {cfg.palette_size}, batch {args.batch}; "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"parameters: T-GM {n_tgm:,}, HF ImageGPT {n_hf:,} (T-GM - HF = {n_tgm - n_hf:+,}: ImageGPT's "
-          f"LayerNorm is an RMS norm without bias)")
-    print(f"HF attention: {attn} (default); attn_implementation='sdpa' "
-          f"{'is supported' if sdpa else 'is refused by ImageGPT'}. T-GM: F.scaled_dot_product_attention")
+    print(
+        f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, sequence {cfg.seq_len} "
+        f"({args.image_size}x{args.image_size}), palette {cfg.palette_size}, batch {args.batch}; "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"parameters: T-GM {n_tgm:,}, HF ImageGPT {n_hf:,} (T-GM - HF = {n_tgm - n_hf:+,}: ImageGPT's "
+        f"LayerNorm is an RMS norm without bias)"
+    )
+    print(
+        f"HF attention: {attn} (default); attn_implementation='sdpa' "
+        f"{'is supported' if sdpa else 'is refused by ImageGPT'}. T-GM: F.scaled_dot_product_attention"
+    )
     print(f"FLOPs per training token: {flops_per_token / 1e6:.2f} M (same formula for both)")
-    print(f"timing: {args.warmup} warm-up steps, then up to {args.rounds} alternating rounds of {args.steps} "
-          f"steps per model, median round; load average (1 min) at start {load_start:.2f}\n")
+    print(
+        f"timing: {args.warmup} warm-up steps, then up to {args.rounds} alternating rounds of {args.steps} "
+        f"steps per model, median round; load average (1 min) at start {load_start:.2f}\n"
+    )
     print(f"{'dtype':<6}{'model':<7}{'tokens/s':>11}{'T-GM/HF':>9}{'GFLOP/s':>10}{'peak GFLOP/s':>14}{'of peak':>9}")
     results = {}
     for name in dtypes:
@@ -221,35 +245,60 @@ def main() -> None:
             key = model.lower().replace("-", "")
             row.update({f"{key}_tokens_per_s": rate, f"{key}_flops": flops, f"{key}_peak_fraction": flops / peak})
             shown = f"{ratio:>9.2f}" if model == "T-GM" else " " * 9
-            print(f"{name:<6}{model:<7}{rate:>11,.0f}{shown}"
-                  f"{flops / 1e9:>10.1f}{peak / 1e9:>14.1f}{flops / peak:>9.1%}")
+            print(
+                f"{name:<6}{model:<7}{rate:>11,.0f}{shown}{flops / 1e9:>10.1f}{peak / 1e9:>14.1f}{flops / peak:>9.1%}"
+            )
         if NO_ATTENTION in tok_s:
             # Its FLOP/s would count attention work it skipped, so only tokens/s and the ratio. Then the same
             # step plus the causal half of the attention FLOPs at the matmul peak: no kernel can beat that.
             free = tok_s[NO_ATTENTION]
             attention_flops = (flops_per_token - matmul_train_flops_per_token(cfg)) / 2
             at_peak = 1.0 / (1.0 / free + attention_flops / peak)
-            row.update({"tgm_attention_free_tokens_per_s": free, "tgm_attention_free_hf_ratio": free / tok_s["HF"],
-                        "tgm_attention_at_peak_tokens_per_s": at_peak,
-                        "tgm_attention_at_peak_hf_ratio": at_peak / tok_s["HF"]})
+            row.update(
+                {
+                    "tgm_attention_free_tokens_per_s": free,
+                    "tgm_attention_free_hf_ratio": free / tok_s["HF"],
+                    "tgm_attention_at_peak_tokens_per_s": at_peak,
+                    "tgm_attention_at_peak_hf_ratio": at_peak / tok_s["HF"],
+                }
+            )
             for label, rate in (("attention free", free), ("attention at peak", at_peak)):
                 print(f"{name:<6}{'T-GM':<7}{rate:>11,.0f}{rate / tok_s['HF']:>9.2f}   <- {label}")
         results[name] = row
     load_end = os.getloadavg()[0]
     print(f"load average (1 min) at end {load_end:.2f}")
     if args.breakdown:
-        print("<- attention free: T-GM's step with SDPA handing V through, timed in the same rounds;\n"
-              "<- attention at peak: that step plus the causal half of attention's FLOPs at the matmul peak,\n"
-              "   the most T-GM could reach with any attention kernel")
+        print(
+            "<- attention free: T-GM's step with SDPA handing V through, timed in the same rounds;\n"
+            "<- attention at peak: that step plus the causal half of attention's FLOPs at the matmul peak,\n"
+            "   the most T-GM could reach with any attention kernel"
+        )
     for name in dtypes if args.breakdown else ():
         print(f"\n{name}:", end="")
         breakdown(cfg, args, AMP[name], results[name]["hf_tokens_per_s"], results[name]["peak_flops"])
-    print(json.dumps({"layers": cfg.n_layer, "embd": cfg.n_embd, "heads": cfg.n_head, "seq_len": cfg.seq_len,
-                      "palette": cfg.palette_size, "batch": args.batch, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "transformers": transformers.__version__,
-                      "hf_attn_implementation": attn, "hf_sdpa_supported": sdpa, "params_tgm": n_tgm,
-                      "params_hf": n_hf, "flops_per_token": flops_per_token, "loadavg_start": load_start,
-                      "loadavg_end": load_end, "results": results}))
+    print(
+        json.dumps(
+            {
+                "layers": cfg.n_layer,
+                "embd": cfg.n_embd,
+                "heads": cfg.n_head,
+                "seq_len": cfg.seq_len,
+                "palette": cfg.palette_size,
+                "batch": args.batch,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "hf_attn_implementation": attn,
+                "hf_sdpa_supported": sdpa,
+                "params_tgm": n_tgm,
+                "params_hf": n_hf,
+                "flops_per_token": flops_per_token,
+                "loadavg_start": load_start,
+                "loadavg_end": load_end,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ gradient clipping, AdamW) on random palette tokens, after warm-up, and prints to
 (8192^3 product, same run). --fit-check also runs tgm.train.fit for one epoch on a prepared dataset with
 the profile's precision and compile settings and a checkpoint, as the stage would on this device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,21 +64,31 @@ def fit_check(prepared: Path, cfg_args: dict, device: torch.device, compile_mode
 
     from tgm.train import Checkpointer, fit
 
-    load = lambda s: (np.load(prepared / f"{s}_tokens.npy").astype(np.int64),  # noqa: E731
-                      np.load(prepared / f"{s}_labels.npy"))
+    def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.load(prepared / f"{split}_tokens.npy").astype(np.int64), np.load(prepared / f"{split}_labels.npy")
+
     train, val = load("train"), load("val")
     palette = int(max(train[0].max(), val[0].max())) + 1
     torch.manual_seed(0)
     model = TGM(TGMConfig(palette_size=palette, seq_len=train[0].shape[1], **cfg_args)).to(device)
-    params = TrainParams(epochs=1, batch_size=64, lr=1e-3, precision="bf16", compile=compile_model,
-                         checkpoint_every=20)
+    params = TrainParams(epochs=1, batch_size=64, lr=1e-3, precision="bf16", compile=compile_model, checkpoint_every=20)
     with tempfile.TemporaryDirectory() as ckpt_dir:
         t0 = time.perf_counter()
-        history, _ = fit(model, train, val, params, "generative", device,
-                         checkpointer=Checkpointer(ckpt_dir, "gpu-check", params.checkpoint_every))
+        history, _ = fit(
+            model,
+            train,
+            val,
+            params,
+            "generative",
+            device,
+            checkpointer=Checkpointer(ckpt_dir, "gpu-check", params.checkpoint_every),
+        )
         wrote = (Path(ckpt_dir) / "checkpoint.pt").exists()
-    return {"fit_seconds": round(time.perf_counter() - t0, 1), "val_bpp": round(history[-1]["val_bpp"], 4),
-            "checkpoint_written": wrote}
+    return {
+        "fit_seconds": round(time.perf_counter() - t0, 1),
+        "val_bpp": round(history[-1]["val_bpp"], 4),
+        "checkpoint_written": wrote,
+    }
 
 
 def main() -> None:
@@ -98,12 +109,14 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak(device, torch.bfloat16, n=8192)
     cfg_args = {"n_layer": args.layers, "n_head": args.heads, "n_embd": args.embd}
-    cfg = TGMConfig(palette_size=args.palette, seq_len=args.image_size ** 2, **cfg_args)
+    cfg = TGMConfig(palette_size=args.palette, seq_len=args.image_size**2, **cfg_args)
     flops = train_flops_per_token(cfg)
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     print(f"bf16 matmul peak (8192^3): {peak / 1e12:.0f} TFLOP/s")
-    print(f"model: {args.layers} layers x {args.embd} wide, {args.heads} heads, {cfg.seq_len} pixels, "
-          f"palette {args.palette}, batch {args.batch}; {flops / 1e6:.1f} MFLOP per training token")
+    print(
+        f"model: {args.layers} layers x {args.embd} wide, {args.heads} heads, {cfg.seq_len} pixels, "
+        f"palette {args.palette}, batch {args.batch}; {flops / 1e6:.1f} MFLOP per training token"
+    )
     results = {"device": torch.cuda.get_device_name(device), "peak_tflops": round(peak / 1e12, 1)}
     for mode in args.modes.split(","):
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ rounds of, each as a fresh process the way a user starts it:
 Each flow run also saves its DVC experiment and its artifacts, as every flow run does; the experiments it
 creates are removed at the end. Prints the median wall time of each and the flow's overhead over bare DVC.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     workdir = args.workdir.resolve()
-    base = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-            "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "BENTOML_DO_NOT_TRACK": "True"}
+    base = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
     base.pop("PREFECT_API_URL", None)
     _, out = timed([str(BIN / "dvc"), "status"], workdir, base)
     if "up to date" not in out:
         raise SystemExit(f"{workdir} is not up to date (`dvc status`):\n{out[-2000:]}\nrun `dvc repro` first")
-    before = set(subprocess.run([str(BIN / "dvc"), "exp", "list", "--name-only"], cwd=workdir, env=base,
-                                capture_output=True, text=True).stdout.split())
+    before = set(
+        subprocess.run(
+            [str(BIN / "dvc"), "exp", "list", "--name-only"], cwd=workdir, env=base, capture_output=True, text=True
+        ).stdout.split()
+    )
 
     home = Path(tempfile.mkdtemp(prefix="tgm-prefect-bench-"))
     server, api, _ = local_server.start_prefect_server(home)
@@ -72,11 +82,15 @@ def main() -> None:
                 times[name].append(elapsed)
     finally:
         local_server.stop(server)
-        after = set(subprocess.run([str(BIN / "dvc"), "exp", "list", "--name-only"], cwd=workdir, env=base,
-                                   capture_output=True, text=True).stdout.split())
+        after = set(
+            subprocess.run(
+                [str(BIN / "dvc"), "exp", "list", "--name-only"], cwd=workdir, env=base, capture_output=True, text=True
+            ).stdout.split()
+        )
         if after - before:
-            subprocess.run([str(BIN / "dvc"), "exp", "remove", *sorted(after - before)], cwd=workdir, env=base,
-                           capture_output=True)
+            subprocess.run(
+                [str(BIN / "dvc"), "exp", "remove", *sorted(after - before)], cwd=workdir, env=base, capture_output=True
+            )
 
     bare = statistics.median(times["dvc repro"])
     print(f"{'':24} {'median s':>9} {'rounds':>30} {'x bare':>7} {'added s':>8}")

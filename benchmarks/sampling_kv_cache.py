@@ -5,6 +5,7 @@
 Uses the pretrained model when it exists, else a freshly initialised one of the params.yaml shape.
 Prints seconds per completion batch for both paths, the speed-up, and whether both sampled the same pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,11 @@ def main() -> None:
             outputs[use_cache] = model.complete(prefix, torch.Generator().manual_seed(0), use_cache=use_cache)
             best = min(best, time.perf_counter() - t0)
         timings[use_cache] = best
-    print(f"model: {source}; {model.num_params() / 1e6:.2f}M params, sequence {model.cfg.seq_len}, "
-          f"batch {args.batch}, completing the bottom {model.cfg.seq_len - prefix.size(1)} pixels; "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {source}; {model.num_params() / 1e6:.2f}M params, sequence {model.cfg.seq_len}, "
+        f"batch {args.batch}, completing the bottom {model.cfg.seq_len - prefix.size(1)} pixels; "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"recompute each step : {timings[False]:.3f} s/batch (best of {args.repeats})")
     print(f"KV cache            : {timings[True]:.3f} s/batch (best of {args.repeats})")
     print(f"speed-up            : {timings[False] / timings[True]:.2f}x")

@@ -9,6 +9,7 @@ RawHTTP; --client httpx for a full client), and stops the server. The ceiling de
 tokenises and classifies the same images in-process in batches of TGM_MAX_BATCH_SIZE (default 32). Client,
 server and ceiling share this machine's cores, so the served figures carry the client's cost as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def ceiling(model_dir: Path, paths: list[Path], batch: int, seconds: float = 3.0
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for i in range(0, len(paths), batch):
-            tokens = np.stack([clf.tokens(open_image(p)) for p in paths[i:i + batch]])
+            tokens = np.stack([clf.tokens(open_image(p)) for p in paths[i : i + batch]])
             predict_proba(clf.model, tokens)
             done += len(tokens)
     return done / (time.perf_counter() - start)
@@ -44,8 +45,10 @@ def ceiling(model_dir: Path, paths: list[Path], batch: int, seconds: float = 3.0
 
 def multipart(body: bytes, boundary: str = "tgm-load-boundary") -> tuple[bytes, str]:
     """A /classify form with one file field `image`, encoded once up front."""
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-            f"Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode()
     return head + body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -62,8 +65,11 @@ class RawHTTP:
     async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}"
-                          f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -85,8 +91,9 @@ class RawHTTP:
             self.reader = self.writer = None
 
 
-async def load(url: str, payloads: list[bytes], concurrency: int, client: str = "raw",
-               timeout_s: float = 120.0) -> dict:
+async def load(
+    url: str, payloads: list[bytes], concurrency: int, client: str = "raw", timeout_s: float = 120.0
+) -> dict:
     """Send every payload to /classify, `concurrency` at a time; every answer must be a 200 with a label."""
     latencies, errors = [], {}
     host, port = url.removeprefix("http://").split(":")
@@ -116,19 +123,29 @@ async def load(url: str, payloads: list[bytes], concurrency: int, client: str = 
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+
         async def run(items: list, workers: int) -> float:
             todo, start = iter(items), time.perf_counter()  # one shared iterator: each item is sent once
-            await asyncio.gather(*(raw_worker(todo) if client == "raw" else httpx_worker(todo, http)
-                                   for _ in range(workers)))
+            await asyncio.gather(
+                *(raw_worker(todo) if client == "raw" else httpx_worker(todo, http) for _ in range(workers))
+            )
             return time.perf_counter() - start
 
         await run(forms[:1], 1)  # warm the server
         latencies.clear()
         wall = await run(forms, concurrency)
     q = statistics.quantiles(latencies, n=100)
-    return {"concurrency": concurrency, "client": client, "images_per_s": len(payloads) / wall,
-            "p50_ms": q[49] * 1e3, "p95_ms": q[94] * 1e3, "p99_ms": q[98] * 1e3, "errors": sum(errors.values()),
-            "error_kinds": errors, "requests": len(payloads)}
+    return {
+        "concurrency": concurrency,
+        "client": client,
+        "images_per_s": len(payloads) / wall,
+        "p50_ms": q[49] * 1e3,
+        "p95_ms": q[94] * 1e3,
+        "p99_ms": q[98] * 1e3,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "requests": len(payloads),
+    }
 
 
 def main() -> None:
@@ -137,14 +154,18 @@ def main() -> None:
     ap.add_argument("--images", default="data/raw/images", help="folder of images to send")
     ap.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                    help="raw: pre-encoded requests on keep-alive connections (cheap); httpx: a full client")
+    ap.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="raw: pre-encoded requests on keep-alive connections (cheap); httpx: a full client",
+    )
     args = ap.parse_args()
     import bentoml
 
     root = Path(__file__).resolve().parents[1]
     ref = bentoml.models.get(args.model)
-    paths = sorted(p for p in Path(args.images).rglob("*") if p.is_file())[:: 7][:args.requests]
+    paths = sorted(p for p in Path(args.images).rglob("*") if p.is_file())[::7][: args.requests]
     if not paths:
         sys.exit(f"serve_load: no images under {args.images}")
     payloads = [paths[i % len(paths)].read_bytes() for i in range(args.requests)]
@@ -166,8 +187,10 @@ def main() -> None:
     print(f"ceiling after the load {after:,.0f} images/s; compared with their mean, {best:,.0f} images/s")
     print(f"{'conc':>5}{'images/s':>10}{'of ceiling':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
-        print(f"{r['concurrency']:>5}{r['images_per_s']:>10.1f}{r['images_per_s'] / best:>12.1%}{r['p50_ms']:>9.1f}"
-              f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}")
+        print(
+            f"{r['concurrency']:>5}{r['images_per_s']:>10.1f}{r['images_per_s'] / best:>12.1%}{r['p50_ms']:>9.1f}"
+            f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}"
+        )
     print(json.dumps({"model": str(ref.tag), "ceiling_images_per_s": best, "levels": rows}))
 
 

@@ -3,6 +3,7 @@
 The render functions are plain (file in, markdown out) so they can be read and tested without Prefect;
 `publish` turns them into Prefect artifacts with stable keys, so the UI keeps one history per kind.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def stages_markdown(results: list[dict], failed: tuple[str, str] | None, experim
     if failed:
         rows.append(f"| {failed[0]} | **failed**: {failed[1].splitlines()[0]} |")
     lines = ["# Stages", "", *rows, ""]
-    lines.append(f"Recorded as DVC experiment `{experiment}` (`dvc exp show`)." if experiment
-                 else "Not recorded as a DVC experiment.")
+    lines.append(
+        f"Recorded as DVC experiment `{experiment}` (`dvc exp show`)."
+        if experiment
+        else "Not recorded as a DVC experiment."
+    )
     return "\n".join(lines)
 
 
@@ -54,8 +58,9 @@ def metrics_markdown(diff: dict, rev: str = "HEAD", target: str = "metrics/evalu
     for name in [m for m in headline if m in diff] + sorted(m for m in diff if m not in headline):
         d = diff[name]
         change = d.get("diff")
-        rows.append(f"| {name} | {_num(d.get('old'))} | {_num(d.get('new'))} | "
-                    f"{'-' if change is None else f'{change:+.4f}'} |")
+        rows.append(
+            f"| {name} | {_num(d.get('old'))} | {_num(d.get('new'))} | {'-' if change is None else f'{change:+.4f}'} |"
+        )
     return "\n".join([f"# Evaluation metrics (`dvc metrics diff {rev}`)", "", *rows])
 
 
@@ -63,9 +68,14 @@ def validation_markdown(report: dict | None) -> str | None:
     if report is None:
         return None
     verdict = "passed" if report.get("passed") else "**failed**"
-    lines = ["# Data validation", "", f"Validation {verdict}: {report.get('accepted')} of {report.get('inputs')} "
-             f"files accepted, {report.get('rejected')} quarantined ({_num(report.get('reject_fraction'))}), "
-             f"{report.get('classes')} classes.", ""]
+    lines = [
+        "# Data validation",
+        "",
+        f"Validation {verdict}: {report.get('accepted')} of {report.get('inputs')} "
+        f"files accepted, {report.get('rejected')} quarantined ({_num(report.get('reject_fraction'))}), "
+        f"{report.get('classes')} classes.",
+        "",
+    ]
     if report.get("rejected_by_reason"):
         lines += ["| quarantine reason | files |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(report["rejected_by_reason"].items())] + [""]
@@ -82,37 +92,63 @@ def validation_markdown(report: dict | None) -> str | None:
 def gate_markdown(report: dict | None) -> str | None:
     if report is None:
         return None
-    lines = ["# Gate", "", f"Decision: {'**passed**' if report.get('passed') else '**failed**'}", "",
-             "| check | metric | value | needs | result |", "|---|---|---|---|---|"]
+    lines = [
+        "# Gate",
+        "",
+        f"Decision: {'**passed**' if report.get('passed') else '**failed**'}",
+        "",
+        "| check | metric | value | needs | result |",
+        "|---|---|---|---|---|",
+    ]
     for c in report.get("checks", []):
         needs = f"{c['op']} {_num(c['threshold'])}" + (f" ({c['why']})" if c.get("why") else "")
-        lines.append(f"| gate.{c['name']} | {c['metric']} | {_num(c['value'])} | {needs} | "
-                     f"{'pass' if c['passed'] else '**FAIL**'} |")
+        lines.append(
+            f"| gate.{c['name']} | {c['metric']} | {_num(c['value'])} | {needs} | "
+            f"{'pass' if c['passed'] else '**FAIL**'} |"
+        )
     champion = report.get("champion")
     lines.append("")
-    lines.append(f"Champion compared with: `{champion['model']}` (Bento `{champion['bento']}`)." if champion
-                 else "No champion compared with (none in the BentoML store, or gate.max_regression is null).")
+    lines.append(
+        f"Champion compared with: `{champion['model']}` (Bento `{champion['bento']}`)."
+        if champion
+        else "No champion compared with (none in the BentoML store, or gate.max_regression is null)."
+    )
     return "\n".join(lines)
 
 
 def package_markdown(report: dict | None) -> str | None:
     if report is None:
         return None
-    return "\n".join(["# Packaged", "", f"- model: `{report.get('model_tag')}`",
-                      f"- Bento: `{report.get('bento_tag')}`" if report.get("bento_tag") else "- Bento: not built",
-                      "", f"Serve it: `bentoml serve {report.get('bento_tag') or report.get('model_tag')}`"])
+    return "\n".join(
+        [
+            "# Packaged",
+            "",
+            f"- model: `{report.get('model_tag')}`",
+            f"- Bento: `{report.get('bento_tag')}`" if report.get("bento_tag") else "- Bento: not built",
+            "",
+            f"Serve it: `bentoml serve {report.get('bento_tag') or report.get('model_tag')}`",
+        ]
+    )
 
 
-def render(workdir: Path, results: list[dict], failed: tuple[str, str] | None, experiment: str | None,
-           diff: dict, ran: set[str]) -> dict[str, str]:
+def render(
+    workdir: Path,
+    results: list[dict],
+    failed: tuple[str, str] | None,
+    experiment: str | None,
+    diff: dict,
+    ran: set[str],
+) -> dict[str, str]:
     """The markdown of each artifact this run has something current to say about."""
     out = {"stages": stages_markdown(results, failed, experiment), "metrics": metrics_markdown(diff)}
     finished = {r["stage"] for r in results}
     failed_stage = failed[0] if failed else None
     # A report is current when its stage finished in this run or is the one that failed while writing it.
-    for kind, stage, path, fn in [("validation", "validate", "reports/validation.json", validation_markdown),
-                                  ("gate", "gate", "reports/gate.json", gate_markdown),
-                                  ("package", "package", "reports/package.json", package_markdown)]:
+    for kind, stage, path, fn in [
+        ("validation", "validate", "reports/validation.json", validation_markdown),
+        ("gate", "gate", "reports/gate.json", gate_markdown),
+        ("package", "package", "reports/package.json", package_markdown),
+    ]:
         if stage in finished or stage == failed_stage:
             text = fn(_read(workdir / path))
             if text:

@@ -9,6 +9,7 @@ DVC stays the judge of what is out of date: a stage runs through `dvc repro <sta
 named after the flow run (`dvc exp show`), and leaves artifacts in the Prefect UI: the stages, the
 evaluation metrics next to the last commit's, the validation summary, the gate decision, the packaged tags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,17 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from flows import artifacts
-from tgm.orchestrate import (StageFailed, metrics_diff, overridden_params, parse_overrides, reproduce_stage,
-                             save_experiment, stage_names, stale_stages, workspace_lock)
+from tgm.orchestrate import (
+    StageFailed,
+    metrics_diff,
+    overridden_params,
+    parse_overrides,
+    reproduce_stage,
+    save_experiment,
+    stage_names,
+    stale_stages,
+    workspace_lock,
+)
 from tgm.orchestrate import push as dvc_push
 
 # A crashed or killed pretrain/finetune resumes from its last checkpoint, so a retry loses little.
@@ -39,13 +49,12 @@ def _retry_unless_refused(task, task_run, state) -> bool:
         state.result()
     except StageFailed as exc:
         return exc.refusal is None
-    except Exception:
+    except Exception:  # noqa: BLE001 - a crash of any kind may not recur
         return True
     return False
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_refused,
-      task_run_name="dvc repro {stage}")
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_refused, task_run_name="dvc repro {stage}")
 def run_stage(stage: str, workdir: str, up_to_date: bool = False) -> dict:
     logger = get_run_logger()
     if up_to_date:
@@ -73,9 +82,16 @@ def experiment_name() -> str:
 
 
 @flow(name="tgm-pipeline", log_prints=True)
-def pipeline(workdir: str = ".", source: str | None = None, overrides: list[str] | None = None,
-             push: bool = False, remote: str | None = None, stages: list[str] | None = None,
-             experiment: bool = True, wait_for_workspace_s: float = 0.0) -> dict:
+def pipeline(
+    workdir: str = ".",
+    source: str | None = None,
+    overrides: list[str] | None = None,
+    push: bool = False,
+    remote: str | None = None,
+    stages: list[str] | None = None,
+    experiment: bool = True,
+    wait_for_workspace_s: float = 0.0,
+) -> dict:
     """Reproduce the stages of dvc.yaml in order, record the run as a DVC experiment, optionally `dvc push`.
 
     Args:
@@ -102,7 +118,8 @@ def pipeline(workdir: str = ".", source: str | None = None, overrides: list[str]
         for stage in stages or stage_names(workdir):
             try:
                 result = run_stage.with_options(retries=RETRIES.get(stage, 1))(
-                    stage, workdir, up_to_date=stage not in stale and not upstream_ran)
+                    stage, workdir, up_to_date=stage not in stale and not upstream_ran
+                )
             except StageFailed as exc:
                 failure = exc
                 break
@@ -116,12 +133,18 @@ def pipeline(workdir: str = ".", source: str | None = None, overrides: list[str]
                 # Every finished stage is already committed to dvc.lock (by its `dvc repro`, or it was up to
                 # date), so DVC needs to commit only one of them; never the failed or unreached ones.
                 record_experiment(workdir, exp_name, [results[-1]["stage"]], message)
-            except Exception as exc:  # a run without git still counts; say so rather than fail it
+            except Exception as exc:  # noqa: BLE001 - a run without git still counts; say so rather than fail it
                 logger.warning("not recorded as a DVC experiment: %s", exc)
                 exp_name = None
         ran = {s for r in results for s in r["ran"]}
-        markdown = artifacts.render(Path(workdir), results, (failure.stage, failure.reason) if failure else None,
-                                    exp_name, metrics_diff(workdir), ran)
+        markdown = artifacts.render(
+            Path(workdir),
+            results,
+            (failure.stage, failure.reason) if failure else None,
+            exp_name,
+            metrics_diff(workdir),
+            ran,
+        )
         artifacts.publish(markdown)
 
     if failure is not None:
@@ -132,8 +155,14 @@ def pipeline(workdir: str = ".", source: str | None = None, overrides: list[str]
 
 def serve(cron: str | None, interval: float | None, name: str, parameters: dict, limit: int | None) -> None:
     """Serve the flow as a deployment with a schedule; runs happen in this process until it is stopped."""
-    pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters, limit=limit,
-                   description="T-GM: reproduce the DVC pipeline, gate and package; runs saved as DVC experiments")
+    pipeline.serve(
+        name=name,
+        cron=cron,
+        interval=interval,
+        parameters=parameters,
+        limit=limit,
+        description="T-GM: reproduce the DVC pipeline, gate and package; runs saved as DVC experiments",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,29 +172,52 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(command)
         p.add_argument("--workdir", default=".", help="DVC project directory (default: .)")
         p.add_argument("--source", help="data source, e.g. builtin:digits or folder:data/sources/NAME")
-        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="params override for the run(s), as `dvc exp run -S` (repeatable)")
+        p.add_argument(
+            "-S",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="params override for the run(s), as `dvc exp run -S` (repeatable)",
+        )
         p.add_argument("--push", action="store_true", help="`dvc push` after a successful run")
         p.add_argument("--remote", help="DVC remote to push to (default: the default remote)")
-        p.add_argument("--no-experiment", dest="experiment", action="store_false",
-                       help="do not save the run as a DVC experiment")
-        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                       help="wait this long for another run holding the workspace (default: fail at once)")
+        p.add_argument(
+            "--no-experiment", dest="experiment", action="store_false", help="do not save the run as a DVC experiment"
+        )
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="wait this long for another run holding the workspace (default: fail at once)",
+        )
     serve_p = sub.choices["serve"]
     when = serve_p.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
     when.add_argument("--interval", type=float, help="schedule every this many seconds")
     serve_p.add_argument("--name", default="tgm-scheduled", help="deployment name (default: tgm-scheduled)")
-    serve_p.add_argument("--limit", type=int, default=1,
-                         help="most concurrent runs this server starts (default: 1; the workspace lock still "
-                              "guards against runs from elsewhere)")
+    serve_p.add_argument(
+        "--limit",
+        type=int,
+        default=1,
+        help="most concurrent runs this server starts (default: 1; the workspace lock still "
+        "guards against runs from elsewhere)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("run", "serve", "-h", "--help"):
         argv = ["run", *argv]  # `python -m flows.pipeline [options]` means run
     args = parser.parse_args(argv)
-    parameters = {"workdir": str(Path(args.workdir).resolve()), "source": args.source,
-                  "overrides": args.overrides, "push": args.push, "remote": args.remote,
-                  "experiment": args.experiment, "wait_for_workspace_s": args.wait}
+    parameters = {
+        "workdir": str(Path(args.workdir).resolve()),
+        "source": args.source,
+        "overrides": args.overrides,
+        "push": args.push,
+        "remote": args.remote,
+        "experiment": args.experiment,
+        "wait_for_workspace_s": args.wait,
+    }
     parse_overrides(args.overrides)  # a malformed override fails here, not at 3 a.m.
     if args.command == "serve":
         serve(args.cron, args.interval, args.name, parameters, args.limit)

@@ -1,5 +1,6 @@
 """Shared fixtures. The slow ones build a real DVC project in a temporary git repository and run the real
 pipeline on scikit-learn's 8x8 digits with tiny params, once per test session."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-for key, value in {"DVC_NO_ANALYTICS": "1", "BENTOML_DO_NOT_TRACK": "True", "GX_ANALYTICS_ENABLED": "False",
-                   "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+for key, value in {
+    "DVC_NO_ANALYTICS": "1",
+    "BENTOML_DO_NOT_TRACK": "True",
+    "GX_ANALYTICS_ENABLED": "False",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
     os.environ.setdefault(key, value)
 # Stage commands (`tgm ...`) and `dvc` must come from the interpreter running the tests.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -27,8 +33,17 @@ TINY_PARAMS = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
     "pretrain": {"epochs": 4, "batch_size": 32, "lr": 0.005},
     "finetune": {"epochs": 12, "batch_size": 32, "lr": 0.005},
-    "study": {"fractions": [0.05, 0.2], "subsets": 2, "steps": 6, "scratch_steps": 6, "finetune_lrs": [0.005], "scratch_lrs": [0.005],
-              "probe_C": [0.1, 1.0], "svm_C": [1.0, 10.0], "svm_gamma_scale": [1.0]},
+    "study": {
+        "fractions": [0.05, 0.2],
+        "subsets": 2,
+        "steps": 6,
+        "scratch_steps": 6,
+        "finetune_lrs": [0.005],
+        "scratch_lrs": [0.005],
+        "probe_C": [0.1, 1.0],
+        "svm_C": [1.0, 10.0],
+        "svm_gamma_scale": [1.0],
+    },
     "evaluate": {"completion_images": 2, "completion_samples": 2},
     # No champion comparison here: tests change params freely; tests/test_champion.py switches it on.
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_regression": None},

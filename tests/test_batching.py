@@ -1,5 +1,6 @@
 """tgm.batching.MicroBatcher: concurrent calls share forward passes, each caller gets its own rows back, errors
 reach every caller of the failed batch, and a request that waited too long is refused."""
+
 import asyncio
 import threading
 import time
@@ -32,8 +33,9 @@ class Recorder:
 
 
 def batcher(fn, max_batch_size=8, max_latency_ms=10_000, sizes=None):
-    return MicroBatcher(fn, max_batch_size, max_latency_ms, anyio.CapacityLimiter(1),
-                        sizes.append if sizes is not None else None)
+    return MicroBatcher(
+        fn, max_batch_size, max_latency_ms, anyio.CapacityLimiter(1), sizes.append if sizes is not None else None
+    )
 
 
 def test_concurrent_calls_share_batches_and_get_their_own_rows():

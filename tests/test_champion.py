@@ -1,9 +1,9 @@
 """The gate guards the champion: a model worse than the one the newest Bento serves is not packaged, and only a
 model that passes becomes the next champion. Real pipeline, real BentoML store."""
+
 import json
 
 import pytest
-
 from conftest import commit_all, run, set_param
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
 """ingest -> validate -> prepare on real images: every file accounted for, splits that cannot leak."""
+
 import io
 
 import numpy as np
@@ -31,8 +32,12 @@ def make_folder(root, classes=("cat", "dog"), per_class=8, size=12, rgb=False):
     return root
 
 
-def run_stages(tmp_path, source, validate_params=ValidateParams(min_images_per_class=2),
-               prepare_params=PrepareParams(image_size=6, palette_size=8, val_fraction=0.2, test_fraction=0.25)):
+def run_stages(
+    tmp_path,
+    source,
+    validate_params=ValidateParams(min_images_per_class=2),
+    prepare_params=PrepareParams(image_size=6, palette_size=8, val_fraction=0.2, test_fraction=0.25),
+):
     raw, validated, prepared = tmp_path / "raw", tmp_path / "validated", tmp_path / "prepared"
     ingest(IngestParams(source=source), raw)
     summary = validate(validate_params, raw, validated, tmp_path / "validation.json", tmp_path / "docs")
@@ -61,8 +66,12 @@ def test_folder_source_accounts_for_every_file_and_quarantines_bad_ones(tmp_path
     accepted = pd.read_csv(validated / "manifest.csv")
     assert summary["inputs"] == 16 + 4 == len(accepted) + len(quarantine)
     reasons = dict(zip(quarantine["path"].str.rsplit("/", n=1).str[-1], quarantine["reason"]))
-    assert reasons == {"broken.png": "corrupt_image", "notes.png": "not_an_image", "empty.jpg": "empty_file",
-                       "stray.png": "unlabelled"}
+    assert reasons == {
+        "broken.png": "corrupt_image",
+        "notes.png": "not_an_image",
+        "empty.jpg": "empty_file",
+        "stray.png": "unlabelled",
+    }
     assert meta["classes"] == ["cat", "dog"]
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # the user's folder is untouched
 
@@ -95,8 +104,9 @@ def test_prepared_tokens_equal_the_serving_preprocessing(tmp_path):
 
 
 def test_split_table_contract_refuses_a_leak():
-    table = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["x", "x"], "sha256": ["0" * 64] * 2,
-                          "split": ["train", "test"]})
+    table = pd.DataFrame(
+        {"path": ["a.png", "b.png"], "label": ["x", "x"], "sha256": ["0" * 64] * 2, "split": ["train", "test"]}
+    )
     with pytest.raises(DataContractError, match="more than one split"):
         check(SplitTable, table, "split table")
 
@@ -105,8 +115,7 @@ def test_a_single_class_is_a_clear_error(tmp_path):
     src = make_folder(tmp_path / "src", classes=("only",))
     ingest(IngestParams(source=f"folder:{src}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError, match="only one class"):
-        validate(ValidateParams(min_images_per_class=2), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json",
-                 None)
+        validate(ValidateParams(min_images_per_class=2), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None)
 
 
 def test_mostly_broken_folder_fails_with_the_worst_reasons(tmp_path):
@@ -115,8 +124,7 @@ def test_mostly_broken_folder_fails_with_the_worst_reasons(tmp_path):
         (src / "cat" / f"junk{i}.png").write_text("junk")
     ingest(IngestParams(source=f"folder:{src}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError, match=r"not_an_image: 10"):
-        validate(ValidateParams(min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json",
-                 None)
+        validate(ValidateParams(min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None)
     assert (tmp_path / "r.json").exists()  # the report is written even when the stage fails
 
 
@@ -146,7 +154,8 @@ def test_prepare_refuses_an_accepted_manifest_holding_a_picture_twice(tmp_path):
     raw, validated, _, _, _ = run_stages(tmp_path, f"folder:{src}")
     manifest = pd.read_csv(validated / "manifest.csv")
     pd.concat([manifest, manifest.iloc[:1].assign(path="images/cat/copy.png")]).to_csv(
-        validated / "manifest.csv", index=False)
+        validated / "manifest.csv", index=False
+    )
     with pytest.raises(DataContractError, match="sha256"):
         prepare(PrepareParams(image_size=6, palette_size=8), validated, raw, tmp_path / "again")
     assert not (tmp_path / "again").exists()

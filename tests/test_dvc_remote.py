@@ -1,6 +1,7 @@
 """Data and models leave the machine through DVC remotes: the committed default local remote, and S3 (against a
 real moto_server on 127.0.0.1). A fresh clone plus `dvc pull` must restore every output byte for byte, with
 nothing to re-run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run
+
 from tgm import local_server
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def outputs_in_lock(project: Path) -> tuple[list[str], list[str]]:
         for section in ("outs", "metrics", "plots"):
             for out in stage.get(section, []):
                 if isinstance(out, dict):
-                    (path, opts), = out.items()
+                    ((path, opts),) = out.items()
                     if opts and opts.get("cache") is False:
                         uncached.add(path)
     paths = sorted({out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])})
@@ -121,12 +122,20 @@ def test_local_remote_round_trip(digits_project):
 @pytest.fixture
 def s3_env(tmp_path) -> dict:
     """Environment for boto3 and dvc-s3: dummy credentials only, no profile or proxy in the way."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AWS_") and k.lower() not in {"http_proxy", "https_proxy", "all_proxy"}}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-               AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AWS_") and k.lower() not in {"http_proxy", "https_proxy", "all_proxy"}
+    }
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+    )
     return env
 
 
@@ -137,8 +146,14 @@ def moto_endpoint(s3_env):
     endpoint = f"http://127.0.0.1:{port}"
     # Only s3_env: variables it leaves out (other AWS settings, proxies) are removed, not inherited.
     env = {**{k: None for k in os.environ}, **s3_env}
-    proc, _ = local_server.start_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                         ".", env, "moto-server", ready_url=endpoint + "/", timeout_s=60)
+    proc, _ = local_server.start_process(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        ".",
+        env,
+        "moto-server",
+        ready_url=endpoint + "/",
+        timeout_s=60,
+    )
     try:
         yield endpoint
     finally:
@@ -148,9 +163,13 @@ def moto_endpoint(s3_env):
 def s3_client(endpoint: str, env: dict):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def add_s3_remote(repo: Path, endpoint: str, env: dict) -> None:

@@ -1,13 +1,14 @@
 """The Prefect flow runs each stage through DVC, so it agrees with `dvc repro`, and fails when the gate does."""
+
 import os
 import threading
 import time
 
 import pytest
 import yaml
+from conftest import run
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import run
 from flows.pipeline import pipeline
 from tgm.orchestrate import WorkspaceBusy, workspace_lock
 
@@ -26,14 +27,16 @@ def artifacts_of(state) -> dict[str, str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
-            state.state_details.flow_run_id])))
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     return {a.key: a.data for a in found}
 
 
 def experiments(project) -> dict[str, dict]:
     """`dvc exp show --json`: experiment name -> its params and metrics."""
     import json
+
     out = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     found = {}
     for baseline in out:
@@ -50,8 +53,18 @@ def test_flow_runs_only_what_dvc_says_is_stale_and_records_an_experiment(prefect
     assert state.is_completed(), state.message
     result = state.result()
     by_stage = {r["stage"]: r for r in result["stages"]}
-    assert list(by_stage) == ["ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study",
-                              "evaluate", "gate", "package"]
+    assert list(by_stage) == [
+        "ingest",
+        "validate",
+        "prepare",
+        "pretrain",
+        "finetune",
+        "probe",
+        "study",
+        "evaluate",
+        "gate",
+        "package",
+    ]
     assert by_stage["evaluate"]["ran"] == ["evaluate"]
     for stage in ("ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study"):
         assert by_stage[stage]["ran"] == [] and by_stage[stage]["skipped"] == [stage], stage
@@ -100,8 +113,9 @@ def test_failing_validation_fails_the_flow_with_its_reasons(prefect_server, digi
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "bad" / "a" / f"{i}.png")
         (tmp_path / "bad" / "b").mkdir(parents=True, exist_ok=True)
         (tmp_path / "bad" / "b" / f"{i}.png").write_text("not a picture")
-    state = pipeline(workdir=str(digits_project), source=f"folder:{tmp_path / 'bad'}", experiment=False,
-                     return_state=True)
+    state = pipeline(
+        workdir=str(digits_project), source=f"folder:{tmp_path / 'bad'}", experiment=False, return_state=True
+    )
     try:
         assert state.is_failed()
         assert "stage validate stopped the pipeline: validation failed" in state.message

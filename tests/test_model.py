@@ -1,4 +1,5 @@
 """The transformer: causal, shaped as documented, saved and loaded without pickles."""
+
 import torch
 
 from tgm.model import TGM, TGMConfig, load_model, save_model
@@ -66,7 +67,7 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_pass():
     cache = KVCache()
     steps = [model.lm_head(model.hidden(inputs[:, :5], cache=cache))]  # prefill 5 positions
     for i in range(5, 16):
-        steps.append(model.lm_head(model.hidden(inputs[:, i:i + 1], cache=cache)))
+        steps.append(model.lm_head(model.hidden(inputs[:, i : i + 1], cache=cache)))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 

@@ -1,16 +1,27 @@
 """params.yaml is checked once, with errors that name the key; dvc.yaml declares every parameter."""
+
 import dataclasses
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from tgm.params import Params, ParamsError, load_params, parse_params
 
 # Which dvc.yaml stage reads each params group.
-STAGE_OF_GROUP = {"ingest": "ingest", "validate": "validate", "prepare": "prepare", "model": "pretrain",
-                  "pretrain": "pretrain", "finetune": "finetune", "probe": "probe", "study": "study",
-                  "evaluate": "evaluate", "gate": "gate", "package": "package"}
+STAGE_OF_GROUP = {
+    "ingest": "ingest",
+    "validate": "validate",
+    "prepare": "prepare",
+    "model": "pretrain",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "probe": "probe",
+    "study": "study",
+    "evaluate": "evaluate",
+    "gate": "gate",
+    "package": "package",
+}
 
 
 def test_project_params_load_and_pass_their_checks():
@@ -30,20 +41,23 @@ def test_every_param_is_in_params_yaml_and_declared_in_its_dvc_stage():
             assert key in declared, f"{key} is not declared in dvc.yaml stage {STAGE_OF_GROUP[group.name]}"
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"pretrain": {"epochs": "ten"}}, "pretrain.epochs"),
-    ({"pretrain": {"epochs": 0}}, "pretrain.epochs"),
-    ({"finetune": {"lrr": 0.1}}, "finetune.lrr"),
-    ({"model": {"n_embd": 100, "n_head": 3}}, "model.n_embd"),
-    ({"prepare": {"color_mode": "cmyk"}}, "prepare.color_mode"),
-    ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.5}}, "prepare.val_fraction"),
-    ({"ingest": {"source": "s3://bucket"}}, "ingest.source"),
-    ({"ingest": {"source": "builtin:cifar"}}, "ingest.source"),
-    ({"gate": {"min_accuracy": 1.5}}, "gate.min_accuracy"),
-    ({"evaluate": {"svm_reference": "yes"}}, "evaluate.svm_reference"),
-    ({"finetune": {"device": "tpu"}}, "finetune.device"),
-    ({"trainer": {}}, "trainer"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"pretrain": {"epochs": "ten"}}, "pretrain.epochs"),
+        ({"pretrain": {"epochs": 0}}, "pretrain.epochs"),
+        ({"finetune": {"lrr": 0.1}}, "finetune.lrr"),
+        ({"model": {"n_embd": 100, "n_head": 3}}, "model.n_embd"),
+        ({"prepare": {"color_mode": "cmyk"}}, "prepare.color_mode"),
+        ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.5}}, "prepare.val_fraction"),
+        ({"ingest": {"source": "s3://bucket"}}, "ingest.source"),
+        ({"ingest": {"source": "builtin:cifar"}}, "ingest.source"),
+        ({"gate": {"min_accuracy": 1.5}}, "gate.min_accuracy"),
+        ({"evaluate": {"svm_reference": "yes"}}, "evaluate.svm_reference"),
+        ({"finetune": {"device": "tpu"}}, "finetune.device"),
+        ({"trainer": {}}, "trainer"),
+    ],
+)
 def test_bad_value_is_refused_naming_its_key(raw, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         parse_params(raw).check()

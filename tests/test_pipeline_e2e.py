@@ -1,11 +1,11 @@
 """The real `dvc repro` on builtin:digits: every stage runs, re-runs only what a change touches, and
 `dvc metrics diff` reports the change."""
+
 import json
 import re
 
 import pytest
 import yaml
-
 from conftest import commit_all, run
 
 pytestmark = pytest.mark.slow
@@ -18,11 +18,20 @@ def ran_stages(output: str) -> list[str]:
 
 def test_first_run_produces_every_output(digits_project):
     p = digits_project
-    for path in ["data/raw/manifest.csv", "data/validated/quarantine.csv", "data/prepared/meta.json",
-                 "models/pretrained/model.safetensors", "models/classifier/model.safetensors",
-                 "metrics/evaluate.json", "plots/confusion.csv", "plots/completions.png", "reports/gate.json",
-                 "reports/package.json", "reports/validation_docs/index.html",
-                 "data/validated/inspected.csv"]:
+    for path in [
+        "data/raw/manifest.csv",
+        "data/validated/quarantine.csv",
+        "data/prepared/meta.json",
+        "models/pretrained/model.safetensors",
+        "models/classifier/model.safetensors",
+        "metrics/evaluate.json",
+        "plots/confusion.csv",
+        "plots/completions.png",
+        "reports/gate.json",
+        "reports/package.json",
+        "reports/validation_docs/index.html",
+        "data/validated/inspected.csv",
+    ]:
         assert (p / path).exists(), path
     metrics = json.loads((p / "metrics/evaluate.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class_recall", "test_bpp", "reference"}

@@ -1,14 +1,15 @@
 """A real `prefect server start` on 127.0.0.1 (its own SQLite database): the flow served with a cron schedule,
 the schedule read back through the API, a run triggered with run_deployment, its artifacts read back; and
 prefect.yaml deployed to a process work pool."""
+
 import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run
+
 from tgm import local_server
 
 pytestmark = pytest.mark.slow
@@ -56,8 +57,22 @@ def test_served_flow_has_its_cron_schedule_and_runs_on_demand(prefect_api, clien
     api, home = prefect_api
     env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     serve, log = local_server.start_process(
-        [sys.executable, "-m", "flows.pipeline", "serve", "--cron", CRON, "--name", "tgm-test",
-         "--workdir", str(digits_project)], digits_project, env, "flow-serve")
+        [
+            sys.executable,
+            "-m",
+            "flows.pipeline",
+            "serve",
+            "--cron",
+            CRON,
+            "--name",
+            "tgm-test",
+            "--workdir",
+            str(digits_project),
+        ],
+        digits_project,
+        env,
+        "flow-serve",
+    )
     try:
         deployment = wait_for_deployment(client_of, "tgm-pipeline/tgm-test")
         assert [s.schedule.cron for s in deployment.schedules] == [CRON]
@@ -66,8 +81,10 @@ def test_served_flow_has_its_cron_schedule_and_runs_on_demand(prefect_api, clien
 
         flow_run = run_deployment("tgm-pipeline/tgm-test", timeout=900, poll_interval=2)
         assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-3000:])
-        found = {a.key: a.data for a in client_of.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))}
+        found = {
+            a.key: a.data
+            for a in client_of.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        }
         assert {"tgm-stages", "tgm-metrics", "tgm-validation", "tgm-gate", "tgm-package"} <= set(found)
         assert "| package | up to date, skipped |" in found["tgm-stages"]
         assert f"prefect-{flow_run.name}" in found["tgm-stages"]
@@ -82,8 +99,13 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefec
     api, home = prefect_api
     prefect = str(Path(sys.executable).with_name("prefect"))
     # `prefect deploy` reads {{ $PWD }} for the working directory the worker will use: the project itself.
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PWD": str(digits_project),
-           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(home),
+        "PWD": str(digits_project),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
     (digits_project / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
     try:
         run([prefect, "work-pool", "create", "tgm-process", "--type", "process"], digits_project, env=env)
@@ -91,16 +113,18 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefec
         deployment = client_of.read_deployment_by_name("tgm-pipeline/tgm-nightly")
         assert [s.schedule.cron for s in deployment.schedules] == [CRON]
         assert deployment.work_pool_name == "tgm-process"
-        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                          {"directory": str(digits_project)}}]
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(digits_project)}}
+        ]
 
         flow_run = client_of.create_flow_run_from_deployment(deployment.id)
-        run([prefect, "worker", "start", "--pool", "tgm-process", "--run-once"], digits_project, env=env,
-            timeout=900)
+        run([prefect, "worker", "start", "--pool", "tgm-process", "--run-once"], digits_project, env=env, timeout=900)
         state = client_of.read_flow_run(flow_run.id).state
         assert state.is_completed(), state
-        keys = {a.key for a in client_of.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))}
+        keys = {
+            a.key
+            for a in client_of.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        }
         assert "tgm-gate" in keys and "tgm-stages" in keys
     finally:
         (digits_project / "prefect.yaml").unlink()
@@ -111,8 +135,12 @@ def test_the_command_line_run_takes_overrides_and_pushes_to_the_default_remote(p
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home)}
     storage = digits_project.parent / "tgm-dvc-storage"  # the committed default remote, next to the project
     before = (digits_project / "params.yaml").read_bytes()
-    proc = run([sys.executable, "-m", "flows.pipeline", "--workdir", str(digits_project), "-S", "evaluate.seed=1",
-                "--push"], digits_project, env=env, timeout=900)
+    proc = run(
+        [sys.executable, "-m", "flows.pipeline", "--workdir", str(digits_project), "-S", "evaluate.seed=1", "--push"],
+        digits_project,
+        env=env,
+        timeout=900,
+    )
     assert "stage evaluate: ran" in proc.stdout + proc.stderr
     assert (digits_project / "params.yaml").read_bytes() == before
     status = run(["dvc", "status", "--cloud", "--json"], digits_project).stdout

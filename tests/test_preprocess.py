@@ -1,10 +1,18 @@
 """The image -> token function that training and serving share."""
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from tgm.preprocess import (PreprocessSpec, fit_palette, grey_palette, image_to_tokens, quantize_to_palette,
-                            to_color_mode, tokens_to_image)
+from tgm.preprocess import (
+    PreprocessSpec,
+    fit_palette,
+    grey_palette,
+    image_to_tokens,
+    quantize_to_palette,
+    to_color_mode,
+    tokens_to_image,
+)
 
 
 def grey_spec(size=4, levels=16):

@@ -1,12 +1,13 @@
 """The probe and the label-efficiency study: what they measure, and the protocol they are held to."""
+
 import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TINY_PARAMS
+
 from tgm.params import FinetuneParams, StudyParams
 from tgm.study import ARMS, NEURAL, label_subset, select_and_refit, selection_split, study
 
@@ -34,6 +35,7 @@ def test_selection_split_holds_out_part_of_every_class_and_loses_nothing():
 
 class Recorder:
     """A scikit-learn-like model whose selection score is its setting, recording what it was fitted on."""
+
     fits: list = []
 
     def __init__(self, score):
@@ -50,16 +52,30 @@ class Recorder:
 def test_selection_keeps_the_best_candidate_first_on_ties_and_refits_it_on_the_whole_subset():
     Recorder.fits = []
     x, y = np.zeros((10, 2)), np.zeros(10)
-    model, settings, score = select_and_refit([{"score": 0.5}, {"score": 0.9}, {"score": 0.9}, {"score": 0.1}],
-                                              Recorder, [{"fit": (x[:7], y[:7]), "select": (x[7:], y[7:])}],
-                                              (x, y))
+    model, settings, score = select_and_refit(
+        [{"score": 0.5}, {"score": 0.9}, {"score": 0.9}, {"score": 0.1}],
+        Recorder,
+        [{"fit": (x[:7], y[:7]), "select": (x[7:], y[7:])}],
+        (x, y),
+    )
     assert settings == {"score": 0.9} and score == 0.9 and model.setting == 0.9
     # Four candidates fitted on the fit part (7 images), the winner once more on all 10.
     assert Recorder.fits == [(0.5, 7), (0.9, 7), (0.9, 7), (0.1, 7), (0.9, 10)]
 
 
-STUDY = dict(fractions=(0.05,), subsets=1, steps=4, scratch_steps=4, finetune_lrs=(0.005,), scratch_lrs=(0.005,),
-             probe_C=(0.1,), logreg_C=(0.1, 1.0), svm_C=(1.0,), svm_gamma_scale=(1.0,), knn_k=(1, 3))
+STUDY = dict(
+    fractions=(0.05,),
+    subsets=1,
+    steps=4,
+    scratch_steps=4,
+    finetune_lrs=(0.005,),
+    scratch_lrs=(0.005,),
+    probe_C=(0.1,),
+    logreg_C=(0.1, 1.0),
+    svm_C=(1.0,),
+    svm_gamma_scale=(1.0,),
+    knn_k=(1, 3),
+)
 
 
 @pytest.mark.slow
@@ -76,12 +92,24 @@ def test_study_never_reads_a_label_outside_its_subset(digits_project, tmp_path, 
     monkeypatch.setattr("tgm.study.label_subset", lambda _, *args, **kw: label_subset(labels, *args, **kw))
 
     def run(tag):
-        return study(params, finetune, prepared, digits_project / "models/pretrained", tmp_path / f"{tag}.json",
-                     tmp_path / f"{tag}.csv", tmp_path / f"{tag}.png")
+        return study(
+            params,
+            finetune,
+            prepared,
+            digits_project / "models/pretrained",
+            tmp_path / f"{tag}.json",
+            tmp_path / f"{tag}.csv",
+            tmp_path / f"{tag}.png",
+        )
 
     first = run("a")
-    seen = np.concatenate([label_subset(labels, f, params.seed + s, min_per_class=2)
-                           for f in params.fractions for s in range(params.subsets)])
+    seen = np.concatenate(
+        [
+            label_subset(labels, f, params.seed + s, min_per_class=2)
+            for f in params.fractions
+            for s in range(params.subsets)
+        ]
+    )
     hidden = np.setdiff1d(np.arange(len(labels)), seen)
     rng = np.random.default_rng(0)
     scrambled = labels.copy()
@@ -125,7 +153,7 @@ def test_study_summarises_every_arm_over_its_subsets(digits_project):
             assert entry[arm]["mean"] == pytest.approx(acc.mean(), abs=1e-6)
             assert entry[arm]["std"] == pytest.approx(acc.std(ddof=0), abs=1e-6)
         # T-GM's answer is, run by run, the fine-tune or the probe, whichever did better on selection.
-        for subset, run in rows.groupby("subset"):
+        for _subset, run in rows.groupby("subset"):
             by_arm = run.set_index("arm")
             picked = by_arm.loc["tgm", "choice"]
             other = "probe" if picked == "finetune" else "finetune"

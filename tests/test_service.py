@@ -1,5 +1,6 @@
 """`bentoml serve` answers over real HTTP exactly as the in-process model does, refuses bad requests with 4xx
 JSON errors, and, with TGM_API_KEY set, only talks to callers that hold the key."""
+
 import asyncio
 import io
 import json
@@ -105,14 +106,18 @@ def test_served_preprocessing_is_prepares(served, digits_project, images):
     scale = max(1, 64 // spec.image_size)
     with Image.open(path) as im:
         ours = tokens_to_image(image_to_tokens(im, spec), spec)[..., 0]
-    first_tile = grid[:spec.image_size * scale:scale, :spec.image_size * scale:scale]
+    first_tile = grid[: spec.image_size * scale : scale, : spec.image_size * scale : scale]
     assert np.array_equal(first_tile, ours)
 
 
 def test_completions_are_seeded(served, images):
     def complete(seed):
-        r = httpx.post(f"{served}/complete", files=[upload(images[0])],
-                       data={"keep_fraction": "0.5", "n": "3", "seed": str(seed), "top_k": "4"}, timeout=60)
+        r = httpx.post(
+            f"{served}/complete",
+            files=[upload(images[0])],
+            data={"keep_fraction": "0.5", "n": "3", "seed": str(seed), "top_k": "4"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         return r.content
 
@@ -139,27 +144,43 @@ def test_openapi_documents_every_endpoint(served):
     assert httpx.get(f"{served}/", timeout=10).status_code == 200  # the Swagger UI
 
 
-@pytest.mark.parametrize("endpoint, files, data, headers, status, problem", [
-    ("classify", [("image", ("x.png", b"", "image/png"))], {}, {}, 400, "empty"),
-    ("classify", [("image", ("x.png", b"this is not an image", "image/png"))], {}, {}, 400, "not_an_image"),
-    ("classify", [("image", ("x.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "image/png"))], {}, {}, 400,
-     "truncated or damaged"),
-    ("classify", [("img", ("x.png", b"\x89PNG\r\n\x1a\n\x00binary\xff\xfe", "image/png"))], {}, {}, 400,
-     "unexpected form field 'img'"),
-    ("classify", None, {"image": "hello"}, {}, 400, "must be a file upload"),
-    ("classify", None, None, {"content-type": "application/json"}, 400, "image"),
-    ("classify", None, None, {"content-type": "multipart/form-data; boundary=zz"}, 400, "malformed multipart"),
-    ("classify", None, None, {}, 400, "image"),
-    ("classify", [("image", ("big.png", b"\0" * (MAX_BYTES + 1), "image/png"))], {}, {}, 413, "payload_too_large"),
-    ("complete", "IMAGE", {"keep_fraction": "7"}, {}, 400, "keep_fraction"),
-    ("complete", "IMAGE", {"n": "1000000"}, {}, 400, '["n"]'),
-    ("complete", "IMAGE", {"temperature": "0"}, {}, 400, "temperature"),
-    ("complete", "IMAGE", {"top_k": "-1"}, {}, 400, "top_k"),
-    ("complete", "IMAGE", {"seed": "abc"}, {}, 400, "seed"),
-    ("classify_batch", "MANY", {}, {}, 400, "too_many_images"),
-])
-def test_bad_requests_get_a_4xx_json_error_naming_the_problem(served, images, endpoint, files, data, headers,
-                                                                status, problem):
+@pytest.mark.parametrize(
+    "endpoint, files, data, headers, status, problem",
+    [
+        ("classify", [("image", ("x.png", b"", "image/png"))], {}, {}, 400, "empty"),
+        ("classify", [("image", ("x.png", b"this is not an image", "image/png"))], {}, {}, 400, "not_an_image"),
+        (
+            "classify",
+            [("image", ("x.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "image/png"))],
+            {},
+            {},
+            400,
+            "truncated or damaged",
+        ),
+        (
+            "classify",
+            [("img", ("x.png", b"\x89PNG\r\n\x1a\n\x00binary\xff\xfe", "image/png"))],
+            {},
+            {},
+            400,
+            "unexpected form field 'img'",
+        ),
+        ("classify", None, {"image": "hello"}, {}, 400, "must be a file upload"),
+        ("classify", None, None, {"content-type": "application/json"}, 400, "image"),
+        ("classify", None, None, {"content-type": "multipart/form-data; boundary=zz"}, 400, "malformed multipart"),
+        ("classify", None, None, {}, 400, "image"),
+        ("classify", [("image", ("big.png", b"\0" * (MAX_BYTES + 1), "image/png"))], {}, {}, 413, "payload_too_large"),
+        ("complete", "IMAGE", {"keep_fraction": "7"}, {}, 400, "keep_fraction"),
+        ("complete", "IMAGE", {"n": "1000000"}, {}, 400, '["n"]'),
+        ("complete", "IMAGE", {"temperature": "0"}, {}, 400, "temperature"),
+        ("complete", "IMAGE", {"top_k": "-1"}, {}, 400, "top_k"),
+        ("complete", "IMAGE", {"seed": "abc"}, {}, 400, "seed"),
+        ("classify_batch", "MANY", {}, {}, 400, "too_many_images"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error_naming_the_problem(
+    served, images, endpoint, files, data, headers, status, problem
+):
     if files == "IMAGE":
         files = [upload(images[0])]
     elif files == "MANY":
@@ -191,8 +212,9 @@ def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(dig
     try:
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200  # health checks need no key
         assert httpx.get(f"{url}/metadata", timeout=10).status_code == 401
-        wrong = httpx.post(f"{url}/classify", files=[upload(images[0])], timeout=30,
-                           headers={"Authorization": "Bearer wrong"})
+        wrong = httpx.post(
+            f"{url}/classify", files=[upload(images[0])], timeout=30, headers={"Authorization": "Bearer wrong"}
+        )
         assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
         key = {"Authorization": "Bearer s3cret"}
         meta = httpx.get(f"{url}/metadata", headers=key, timeout=10)

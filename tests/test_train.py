@@ -1,4 +1,5 @@
 """The training loop: it learns, it is repeatable, its schedule has the promised shape."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,11 +28,13 @@ def toy_data(n=64, seed=0):
 
 def train_once(objective):
     seed_everything(0)
-    model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16,
-                          n_classes=2 if objective == "classify" else 0))
+    model = TGM(
+        TGMConfig(
+            palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2 if objective == "classify" else 0
+        )
+    )
     params = TrainParams(epochs=6, batch_size=16, lr=0.01, patience=10)
-    history, best = fit(model, toy_data(), toy_data(32, seed=1), params, objective, torch.device("cpu"),
-                        lambda_gen=0.5)
+    history, best = fit(model, toy_data(), toy_data(32, seed=1), params, objective, torch.device("cpu"), lambda_gen=0.5)
     return model, history, best
 
 
@@ -82,10 +85,18 @@ def test_semi_supervised_fit_is_repeatable_and_learns():
     def run():
         seed_everything(0)
         model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
-        history, _ = fit(model, toy_data(16), toy_data(32, seed=1), TrainParams(epochs=8, batch_size=8, lr=0.01,
-                                                                                patience=10),
-                         "classify", torch.device("cpu"), lambda_gen=0.5, unlabelled=toy_data(64, seed=2)[0])
+        history, _ = fit(
+            model,
+            toy_data(16),
+            toy_data(32, seed=1),
+            TrainParams(epochs=8, batch_size=8, lr=0.01, patience=10),
+            "classify",
+            torch.device("cpu"),
+            lambda_gen=0.5,
+            unlabelled=toy_data(64, seed=2)[0],
+        )
         return model, history
+
     (a, history), (b, _) = run(), run()
     assert max(r["val_accuracy"] for r in history) >= 0.9
     assert all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))

@@ -1,20 +1,20 @@
 """Training at scale and under failure: gradient accumulation, DDP under torchrun, crash-safe resume."""
+
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import BIN, merge
 from safetensors.torch import load_file
-
-from conftest import BIN, TINY_PARAMS, merge
 from test_train import toy_data
+
 from tgm.model import TGM, TGMConfig
 from tgm.params import TrainParams
 from tgm.train import Checkpointer, fit, seed_everything, shift_images
@@ -23,8 +23,16 @@ from tgm.train import Checkpointer, fit, seed_everything, shift_images
 def toy_fit(params: TrainParams, checkpointer=None):
     seed_everything(0)
     model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
-    history, _ = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"),
-                     lambda_gen=0.5, checkpointer=checkpointer)
+    history, _ = fit(
+        model,
+        toy_data(),
+        toy_data(32, seed=1),
+        params,
+        "classify",
+        torch.device("cpu"),
+        lambda_gen=0.5,
+        checkpointer=checkpointer,
+    )
     return model, history
 
 
@@ -32,8 +40,9 @@ def test_gradient_accumulation_matches_the_full_batch():
     # 64 images in batches of 24: the last batch (16) splits unevenly, which the weighting must handle.
     # fp32: in bf16 the rounding of different micro-batch shapes alone exceeds the tolerance.
     full, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, precision="fp32", augment_shift=1))
-    accum, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3, precision="fp32",
-                                   augment_shift=1))
+    accum, _ = toy_fit(
+        TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3, precision="fp32", augment_shift=1)
+    )
     for (k, a), (_, b) in zip(full.state_dict().items(), accum.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=k)
 
@@ -63,8 +72,9 @@ class CrashAfter(Checkpointer):
 
 
 def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
-    params = TrainParams(epochs=4, batch_size=8, lr=0.01, patience=10, checkpoint_every=3, augment_shift=1,
-                         grad_accum=2)
+    params = TrainParams(
+        epochs=4, batch_size=8, lr=0.01, patience=10, checkpoint_every=3, augment_shift=1, grad_accum=2
+    )
     reference, ref_history = toy_fit(params)
     with pytest.raises(KeyboardInterrupt):
         toy_fit(params, CrashAfter(tmp_path, "fp", 3, crash_after=4))  # mid-epoch 2
@@ -86,6 +96,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):
 
 # --- real processes on the prepared digits data ---------------------------------------------------------
 
+
 def stage_dir(tmp_path: Path, digits_project: Path, pretrain: dict) -> Path:
     work = tmp_path / "work"
     shutil.copytree(digits_project / "data" / "prepared", work / "data" / "prepared")
@@ -99,8 +110,10 @@ def env() -> dict:
 
 
 def outputs(work: Path) -> tuple[dict, dict]:
-    return (json.loads((work / "metrics" / "pretrain.json").read_text()),
-            load_file(str(work / "models" / "pretrained" / "model.safetensors")))
+    return (
+        json.loads((work / "metrics" / "pretrain.json").read_text()),
+        load_file(str(work / "models" / "pretrained" / "model.safetensors")),
+    )
 
 
 @pytest.mark.slow
@@ -109,8 +122,14 @@ def test_torchrun_two_processes_match_one(tmp_path, digits_project):
     single = stage_dir(tmp_path / "one", digits_project, settings)
     double = stage_dir(tmp_path / "two", digits_project, settings)
     subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=single, env=env(), check=True, capture_output=True)
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tgm", "pretrain"],
-                          cwd=double, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tgm", "pretrain"],
+        cwd=double,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stderr
     (m1, w1), (m2, w2) = outputs(single), outputs(double)
@@ -129,8 +148,9 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, digit
     subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=steady, env=env(), check=True, capture_output=True)
 
     checkpoint = crashy / "checkpoints" / "pretrain" / "checkpoint.pt"
-    proc = subprocess.Popen([str(BIN / "tgm"), "pretrain"], cwd=crashy, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "tgm"), "pretrain"], cwd=crashy, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -1,3 +1,5 @@
-from tgm.cli import main
 import sys
+
+from tgm.cli import main
+
 sys.exit(main())

@@ -1,4 +1,5 @@
 """`tgm <stage>`: the command line that every DVC stage runs. Each command reads its group of params.yaml."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,33 +53,43 @@ def run_stage(stage: str, params_path: str) -> None:
     p = load_params(params_path)
     if stage == "ingest":
         from tgm.ingest import ingest
+
         ingest(p.ingest)
     elif stage == "validate":
         from tgm.validate import validate
+
         validate(p.validate)
     elif stage == "prepare":
         from tgm.prepare import prepare
+
         prepare(p.prepare)
     elif stage == "pretrain":
         from tgm.train import pretrain
+
         pretrain(p.model, p.pretrain)
     elif stage == "finetune":
         from tgm.train import finetune
+
         finetune(p.finetune)
     elif stage == "probe":
         from tgm.probe import probe
+
         probe(p.probe)
     elif stage == "study":
         from tgm.study import study
+
         study(p.study, p.finetune)
     elif stage == "evaluate":
         from tgm.evaluate import evaluate
+
         evaluate(p.evaluate)
     elif stage == "gate":
         from tgm.gate import gate
+
         gate(p.gate, model_name=p.package.model_name)
     elif stage == "package":
         from tgm.package import package
+
         package(p, params_path=params_path)
 
 
@@ -95,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     for noisy in ("PIL", "matplotlib", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from tgm.gate import GateFailed
@@ -107,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(args.stage, args.params)
-    except (ParamsError, DataContractError, DataUnusableError, GateFailed, FileNotFoundError,
-            FloatingPointError) as exc:
+    except (
+        ParamsError,
+        DataContractError,
+        DataUnusableError,
+        GateFailed,
+        FileNotFoundError,
+        FloatingPointError,
+    ) as exc:
         print(f"tgm {args.stage}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ParamsError) else 1
     return 0

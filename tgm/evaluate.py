@@ -1,4 +1,5 @@
 """evaluate: score the classifier on the held-out test split and draw what the generative model learned."""
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,18 @@ def svm_reference(prepared_dir: Path, spec: PreprocessSpec) -> float:
     return float((svm.predict(xt) == yt).mean())
 
 
-def completion_grid(model: TGM, spec: PreprocessSpec, tokens: np.ndarray, labels: np.ndarray,
-                    classes: list[str], params: EvaluateParams, path: Path) -> None:
+def completion_grid(
+    model: TGM,
+    spec: PreprocessSpec,
+    tokens: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    params: EvaluateParams,
+    path: Path,
+) -> None:
     """PNG grid: per row a test image, its top half, then samples that complete the bottom half."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -45,7 +54,7 @@ def completion_grid(model: TGM, spec: PreprocessSpec, tokens: np.ndarray, labels
         if y not in seen:
             picks.append(i)
             seen.add(y)
-    picks = (picks + [i for i in range(len(labels)) if i not in picks])[:params.completion_images]
+    picks = (picks + [i for i in range(len(labels)) if i not in picks])[: params.completion_images]
     keep = spec.seq_len // 2 // spec.image_size * spec.image_size  # whole rows: the top half
     n, k = len(picks), params.completion_samples
     prefix = torch.from_numpy(np.repeat(tokens[picks, :keep], k, axis=0))
@@ -59,13 +68,14 @@ def completion_grid(model: TGM, spec: PreprocessSpec, tokens: np.ndarray, labels
         given = tokens[idx].copy()
         shown = [tokens_to_image(tokens[idx], spec)]
         masked = tokens_to_image(given, spec).copy()
-        masked[keep // spec.image_size:] = 128
+        masked[keep // spec.image_size :] = 128
         shown.append(masked)
         shown += [tokens_to_image(samples[r * k + j], spec) for j in range(k)]
         for c, img in enumerate(shown):
             ax = axes[r, c]
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap=cmap, vmin=0, vmax=255,
-                      interpolation="nearest")
+            ax.imshow(
+                img.squeeze(-1) if img.shape[-1] == 1 else img, cmap=cmap, vmin=0, vmax=255, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -78,10 +88,15 @@ def completion_grid(model: TGM, spec: PreprocessSpec, tokens: np.ndarray, labels
     plt.close(fig)
 
 
-def evaluate(params: EvaluateParams, prepared_dir: str | Path = "data/prepared",
-             classifier_dir: str | Path = "models/classifier", pretrained_dir: str | Path = "models/pretrained",
-             metrics_path: str | Path = "metrics/evaluate.json", confusion_path: str | Path = "plots/confusion.csv",
-             completions_path: str | Path = "plots/completions.png") -> dict:
+def evaluate(
+    params: EvaluateParams,
+    prepared_dir: str | Path = "data/prepared",
+    classifier_dir: str | Path = "models/classifier",
+    pretrained_dir: str | Path = "models/pretrained",
+    metrics_path: str | Path = "metrics/evaluate.json",
+    confusion_path: str | Path = "plots/confusion.csv",
+    completions_path: str | Path = "plots/completions.png",
+) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
     seed_everything(params.seed)
@@ -98,12 +113,15 @@ def evaluate(params: EvaluateParams, prepared_dir: str | Path = "data/prepared",
     recall = recall_score(labels, pred, labels=range(len(classes)), average=None, zero_division=0)
     metrics = {
         "accuracy": round(float((pred == labels).mean()), 6),
-        "macro_f1": round(float(f1_score(labels, pred, labels=range(len(classes)), average="macro",
-                                         zero_division=0)), 6),
-        "test_bpp": round(evaluate_split(pretrained, tokens, None, "generative", 0.0, 256,
-                                         torch.device("cpu"))["gen_loss"] / LN2, 6),
-        "classifier_test_bpp": round(evaluate_split(classifier, tokens, labels, "classify", 0.0, 256,
-                                                    torch.device("cpu"))["bpp"], 6),
+        "macro_f1": round(
+            float(f1_score(labels, pred, labels=range(len(classes)), average="macro", zero_division=0)), 6
+        ),
+        "test_bpp": round(
+            evaluate_split(pretrained, tokens, None, "generative", 0.0, 256, torch.device("cpu"))["gen_loss"] / LN2, 6
+        ),
+        "classifier_test_bpp": round(
+            evaluate_split(classifier, tokens, labels, "classify", 0.0, 256, torch.device("cpu"))["bpp"], 6
+        ),
         "per_class_recall": {c: round(float(r), 6) for c, r in zip(classes, recall)},
         "test_images": int(len(labels)),
     }
@@ -111,11 +129,16 @@ def evaluate(params: EvaluateParams, prepared_dir: str | Path = "data/prepared",
         metrics["reference"] = {"svm_rbf_accuracy": round(svm_reference(prepared_dir, spec), 6)}
 
     Path(confusion_path).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"actual": [classes[i] for i in labels],
-                  "predicted": [classes[i] for i in pred]}).to_csv(confusion_path, index=False)
+    pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in pred]}).to_csv(
+        confusion_path, index=False
+    )
     completion_grid(pretrained, spec, tokens, labels, classes, params, Path(completions_path))
     write_json(metrics_path, metrics)
-    log.info("evaluate: accuracy %.4f, macro-F1 %.4f, test %.3f bits/pixel%s", metrics["accuracy"],
-             metrics["macro_f1"], metrics["test_bpp"],
-             f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else "")
+    log.info(
+        "evaluate: accuracy %.4f, macro-F1 %.4f, test %.3f bits/pixel%s",
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["test_bpp"],
+        f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else "",
+    )
     return metrics

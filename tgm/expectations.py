@@ -4,6 +4,7 @@ Row expectations run over the inspected manifest (one row per input file); each 
 reason it stands for, and their order is the order in which a file's reason is chosen. Class expectations run
 over the per-class table. Data Docs (HTML) are written to `docs_dir`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,24 @@ from tgm.params import ValidateParams
 
 log = logging.getLogger(__name__)
 
-ALLOWED_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16B",
-                 "I;16L", "La", "RGBa"]
+ALLOWED_MODES = [
+    "1",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "La",
+    "RGBa",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class RowRule:
 
 def row_rules(params: ValidateParams, classes: list[str]) -> list[RowRule]:
     import great_expectations as gx
+
     E = gx.expectations
     return [
         RowRule("unlabelled", E.ExpectColumnValuesToNotBeNull(column="label")),
@@ -38,21 +56,25 @@ def row_rules(params: ValidateParams, classes: list[str]) -> list[RowRule]:
         RowRule("not_a_regular_file", E.ExpectColumnValuesToBeInSet(column="entry", value_set=["file"])),
         RowRule("undecodable", E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True])),
         RowRule("unknown_label", E.ExpectColumnValuesToBeInSet(column="label", value_set=classes)),
-        RowRule("format_not_allowed", E.ExpectColumnValuesToBeInSet(column="format",
-                                                                    value_set=list(params.allowed_formats))),
+        RowRule(
+            "format_not_allowed", E.ExpectColumnValuesToBeInSet(column="format", value_set=list(params.allowed_formats))
+        ),
         RowRule("mode_not_supported", E.ExpectColumnValuesToBeInSet(column="mode", value_set=ALLOWED_MODES)),
         RowRule("too_small", E.ExpectColumnValuesToBeBetween(column="min_side", min_value=params.min_side)),
         RowRule("bad_aspect_ratio", E.ExpectColumnValuesToBeBetween(column="aspect", max_value=params.max_aspect)),
         RowRule("conflicting_labels", E.ExpectColumnValuesToBeInSet(column="label_conflict", value_set=[False])),
         RowRule("duplicate", E.ExpectColumnValuesToBeNull(column="duplicate_of")),
-        RowRule("near_constant", E.ExpectColumnValuesToBeBetween(column="pixel_std",
-                                                                 min_value=params.near_constant_std),
-                severity="flag"),
+        RowRule(
+            "near_constant",
+            E.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=params.near_constant_std),
+            severity="flag",
+        ),
     ]
 
 
 def class_expectations(params: ValidateParams) -> list:
     import great_expectations as gx
+
     E = gx.expectations
     return [
         E.ExpectTableRowCountToBeBetween(min_value=2),
@@ -79,10 +101,17 @@ class Suites:
             if base and Path(base).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
                 shutil.rmtree(base, ignore_errors=True)
         if docs_dir is not None:
-            self.ctx.add_data_docs_site("tgm", {
-                "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                                  "base_directory": str(Path(docs_dir).resolve())}})
+            self.ctx.add_data_docs_site(
+                "tgm",
+                {
+                    "class_name": "SiteBuilder",
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(Path(docs_dir).resolve()),
+                    },
+                },
+            )
         self.source = self.ctx.data_sources.add_pandas("tgm")
         self.rules = row_rules(params, classes)  # in priority order: a file's reason is its first failed rule
 
@@ -92,12 +121,18 @@ class Suites:
         suite = self.ctx.suites.add(gx.ExpectationSuite(name=f"tgm_{name}"))
         for e in expectations:
             suite.add_expectation(e)
-        vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=f"tgm_{name}", data=batch,
-                                                                         suite=suite))
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["tgm"])] if self.docs_dir is not None else []
-        checkpoint = self.ctx.checkpoints.add(gx.Checkpoint(
-            name=f"tgm_{name}", validation_definitions=[vd], actions=actions,
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]}))
+        vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=f"tgm_{name}", data=batch, suite=suite))
+        actions = (
+            [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["tgm"])] if self.docs_dir is not None else []
+        )
+        checkpoint = self.ctx.checkpoints.add(
+            gx.Checkpoint(
+                name=f"tgm_{name}",
+                validation_definitions=[vd],
+                actions=actions,
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]},
+            )
+        )
         result = checkpoint.run(batch_parameters={"dataframe": df})
         return next(iter(result.run_results.values())).results
 
@@ -114,19 +149,34 @@ class Suites:
             rule = by_reason[res.expectation_config.meta["reason"]]
             paths = [u["path"] for u in res.result.get("unexpected_index_list") or []]
             failed[rule.reason] = paths
-            summaries.append({"table": "manifest", "expectation": res.expectation_config.type,
-                              "column": res.expectation_config.kwargs.get("column"), "reason": rule.reason,
-                              "severity": rule.severity, "success": bool(res.success), "unexpected": len(paths),
-                              "examples": paths[:5]})
+            summaries.append(
+                {
+                    "table": "manifest",
+                    "expectation": res.expectation_config.type,
+                    "column": res.expectation_config.kwargs.get("column"),
+                    "reason": rule.reason,
+                    "severity": rule.severity,
+                    "success": bool(res.success),
+                    "unexpected": len(paths),
+                    "examples": paths[:5],
+                }
+            )
         return failed, summaries
 
     def check_classes(self, table: pd.DataFrame) -> list[dict]:
         summaries = []
         for res in self._run("classes", table, class_expectations(self.params), "label"):
             bad = [u["label"] for u in res.result.get("unexpected_index_list") or []]
-            summaries.append({"table": "classes", "expectation": res.expectation_config.type,
-                              "column": res.expectation_config.kwargs.get("column"), "success": bool(res.success),
-                              "unexpected": len(bad), "examples": bad[:5]})
+            summaries.append(
+                {
+                    "table": "classes",
+                    "expectation": res.expectation_config.type,
+                    "column": res.expectation_config.kwargs.get("column"),
+                    "success": bool(res.success),
+                    "unexpected": len(bad),
+                    "examples": bad[:5],
+                }
+            )
         return summaries
 
     @property

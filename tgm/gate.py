@@ -7,6 +7,7 @@ more than gate.max_regression. Only a model that passes is packaged, so only it 
 The report is written whether the gate passes or not; a failure raises GateFailed, so `tgm gate` exits
 non-zero and DVC does not run `package`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,8 @@ class GateFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Champion:
-    model: str           # BentoML model tag
-    bento: str | None    # the Bento serving it (None when only a model was packaged)
+    model: str  # BentoML model tag
+    bento: str | None  # the Bento serving it (None when only a model was packaged)
     metrics: dict
 
 
@@ -102,17 +103,29 @@ def gate_checks(params: GateParams, metrics: dict, champion: Champion | None = N
         for metric in COMPARED:
             if metric in champion.metrics:
                 best = float(champion.metrics[metric])
-                checks.append(Check("max_regression", metric, float(metrics[metric]), best - params.max_regression,
-                                    ">=", f"champion {champion.model} has {best:.4f}"))
+                checks.append(
+                    Check(
+                        "max_regression",
+                        metric,
+                        float(metrics[metric]),
+                        best - params.max_regression,
+                        ">=",
+                        f"champion {champion.model} has {best:.4f}",
+                    )
+                )
     return checks
 
 
 _LOOK_UP = object()
 
 
-def gate(params: GateParams, metrics_path: str | Path = "metrics/evaluate.json",
-         report_path: str | Path = "reports/gate.json", champion: Champion | None | object = _LOOK_UP,
-         model_name: str = "tgm-classifier") -> dict:
+def gate(
+    params: GateParams,
+    metrics_path: str | Path = "metrics/evaluate.json",
+    report_path: str | Path = "reports/gate.json",
+    champion: Champion | None | object = _LOOK_UP,
+    model_name: str = "tgm-classifier",
+) -> dict:
     """Check the metrics; `champion` defaults to the one in the BentoML store (None: compare with nothing)."""
     if champion is _LOOK_UP:
         champion = find_champion(model_name, bento_name()) if params.max_regression is not None else None
@@ -120,10 +133,21 @@ def gate(params: GateParams, metrics_path: str | Path = "metrics/evaluate.json",
     failed = [c for c in checks if not c.passed]
     report = {
         "passed": not failed,
-        "checks": [{"name": c.name, "metric": c.metric, "value": c.value, "op": c.op, "threshold": c.threshold,
-                    "passed": c.passed, "why": c.why} for c in checks],
-        "champion": None if champion is None else {"model": champion.model, "bento": champion.bento,
-                                                    **{m: champion.metrics.get(m) for m in COMPARED}},
+        "checks": [
+            {
+                "name": c.name,
+                "metric": c.metric,
+                "value": c.value,
+                "op": c.op,
+                "threshold": c.threshold,
+                "passed": c.passed,
+                "why": c.why,
+            }
+            for c in checks
+        ],
+        "champion": None
+        if champion is None
+        else {"model": champion.model, "bento": champion.bento, **{m: champion.metrics.get(m) for m in COMPARED}},
     }
     write_json(report_path, report)
     if champion is None and params.max_regression is not None:

@@ -10,6 +10,7 @@ parsing that answers client mistakes with 400s.
   its usual {"error", "detail"} shape. It replaces a private method, hence `bentoml<1.5` in pyproject.toml;
   tests/test_service.py fails loudly if a BentoML update changes that method's contract.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -26,9 +27,13 @@ class _BodyTooLarge(Exception):
 
 async def json_reply(send, status: int, body: dict, headers: tuple = ()) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -46,9 +51,12 @@ class LimitsAndAuth:
         if self.key is not None and scope["path"] not in HEALTH_PATHS:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                return await json_reply(send, 401, {"error": "unauthorized",
-                                                    "detail": "send the header 'Authorization: Bearer <key>'"},
-                                        ((b"www-authenticate", b"Bearer"),))
+                return await json_reply(
+                    send,
+                    401,
+                    {"error": "unauthorized", "detail": "send the header 'Authorization: Bearer <key>'"},
+                    ((b"www-authenticate", b"Bearer"),),
+                )
         too_large = {"error": "payload_too_large", "detail": f"the request body is over {self.max_bytes} bytes"}
         length = headers.get(b"content-length")
         if length is not None:
@@ -95,20 +103,23 @@ def strict_multipart() -> None:
 
     def invalid(loc: tuple, kind: str, message: str) -> ValidationError:
         return ValidationError.from_exception_data(
-            "Input", [{"type": PydanticCustomError(kind, message), "loc": loc, "input": None}])
+            "Input", [{"type": PydanticCustomError(kind, message), "loc": loc, "input": None}]
+        )
 
     async def parse_request(self, request, cls):
         try:
             form = await request.form()
-        except Exception as exc:  # starlette's HTTPException / MultiPartException for a broken body
-            raise invalid((), "multipart_invalid", f"malformed multipart body: {getattr(exc, 'detail', exc)}") \
-                from None
+        except Exception as exc:  # noqa: BLE001 - starlette's HTTPException / MultiPartException for a broken body
+            raise invalid((), "multipart_invalid", f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
         data: dict[str, t.Any] = {}
         for name in form:
             values = form.getlist(name)
             if name not in cls.model_fields:
-                raise invalid((name,), "unexpected_field",
-                              f"unexpected form field {name!r}; this endpoint takes {sorted(cls.model_fields)}")
+                raise invalid(
+                    (name,),
+                    "unexpected_field",
+                    f"unexpected form field {name!r}; this endpoint takes {sorted(cls.model_fields)}",
+                )
             if name in cls.multipart_fields:
                 if not all(isinstance(v, UploadFile) for v in values):
                     raise invalid((name,), "file_expected", f"field {name!r} must be a file upload")

@@ -2,6 +2,7 @@
 
 Used by `validate` (files on disk) and the BentoML service (uploads), so both judge a file the same way.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -14,8 +15,15 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # Leading bytes of common image formats: a file that starts like an image but will not open is damaged,
 # not "some other kind of file".
-_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
-          b"MM\x00*": "TIFF", b"RIFF": "WEBP"}
+_MAGIC = {
+    b"\x89PNG": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"RIFF": "WEBP",
+}
 
 
 class InvalidImage(ValueError):
@@ -43,8 +51,10 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > max_pixels:
-                    raise InvalidImage("too_large", f"image is {im.width}x{im.height}, more than {max_pixels} "
-                                                    "pixels (decompression-bomb limit)")
+                    raise InvalidImage(
+                        "too_large",
+                        f"image is {im.width}x{im.height}, more than {max_pixels} pixels (decompression-bomb limit)",
+                    )
                 frames = getattr(im, "n_frames", 1)
                 im.load()  # the first frame of an animation: the stated rule is to train on that frame
                 out = im.copy()
@@ -55,9 +65,10 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:  # past twice Pillow's limit it refuses before our check
         raise InvalidImage("too_large", f"image is too large to decode safely: {exc}") from None
-    except Exception as exc:  # Pillow raises many types for bad data; each means "cannot decode this file"
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data; each means "cannot decode this file"
         fmt = sniff_format(path)
         if fmt:
-            raise InvalidImage("corrupt_image", f"file starts like a {fmt} but is truncated or damaged: {exc}") \
-                from None
+            raise InvalidImage(
+                "corrupt_image", f"file starts like a {fmt} but is truncated or damaged: {exc}"
+            ) from None
         raise InvalidImage("not_an_image", "file is not an image format that can be read") from None

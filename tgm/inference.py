@@ -1,4 +1,5 @@
 """In-process inference on a saved classifier directory; the BentoML service and the tests both use it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,7 @@ def predict_proba(model: TGM, tokens: np.ndarray, batch_size: int = 256) -> np.n
     model.eval()
     out = []
     for i in range(0, len(tokens), batch_size):
-        _, class_logits = model(torch.from_numpy(np.asarray(tokens[i:i + batch_size], dtype=np.int64)))
+        _, class_logits = model(torch.from_numpy(np.asarray(tokens[i : i + batch_size], dtype=np.int64)))
         out.append(torch.softmax(class_logits.float(), dim=-1).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.cfg.n_classes), dtype=np.float32)
 
@@ -39,5 +40,10 @@ class Classifier:
         if not images:
             return []
         probs = predict_proba(self.model, np.stack([self.tokens(im) for im in images]))
-        return [{"label": self.classes[int(p.argmax())],
-                 "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)}} for p in probs]
+        return [
+            {
+                "label": self.classes[int(p.argmax())],
+                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
+            }
+            for p in probs
+        ]

@@ -3,6 +3,7 @@
 Ingest never judges: each file found is copied byte for byte and listed, decodable or not, so that
 `validate` can account for every input. Nothing in the user's folder is changed.
 """
+
 from __future__ import annotations
 
 import io
@@ -71,8 +72,11 @@ def folder_images(root: Path) -> tuple[list[SourceImage], list[str]]:
             label = rel.parts[0] if len(rel.parts) > 1 else ""
             name = str(Path(*rel.parts[1:])) if label else fname
             images.append(SourceImage(label=label, name=name, source_path=Path(dirpath) / fname))
-    empty = sorted(d.name for d in root.iterdir()
-                   if d.is_dir() and not d.is_symlink() and not any(p.is_file() or p.is_symlink() for p in d.rglob("*")))
+    empty = sorted(
+        d.name
+        for d in root.iterdir()
+        if d.is_dir() and not d.is_symlink() and not any(p.is_file() or p.is_symlink() for p in d.rglob("*"))
+    )
     return images, empty
 
 
@@ -81,7 +85,7 @@ def probe(path: Path) -> dict:
     try:
         with Image.open(path) as im:
             return {"format": im.format or "", "width": im.width, "height": im.height, "mode": im.mode}
-    except Exception:  # any failure here just means "not readable as an image"; validate says why
+    except Exception:  # noqa: BLE001 - any failure here just means "not readable as an image"; validate says why
         return {"format": "", "width": -1, "height": -1, "mode": ""}
 
 
@@ -109,13 +113,22 @@ def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFra
                 dest.write_bytes(b"")  # placeholder keeps the entry accounted for; validate rejects it
             else:
                 shutil.copyfile(img.source_path, dest)
-            rows.append({"path": rel.as_posix(), "label": img.label, "entry": entry, "sha256": sha256_file(dest),
-                         "size_bytes": dest.stat().st_size, **probe(dest),
-                         "source": str(img.source_path) if img.source_path else params.source})
+            rows.append(
+                {
+                    "path": rel.as_posix(),
+                    "label": img.label,
+                    "entry": entry,
+                    "sha256": sha256_file(dest),
+                    "size_bytes": dest.stat().st_size,
+                    **probe(dest),
+                    "source": str(img.source_path) if img.source_path else params.source,
+                }
+            )
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest.to_csv(tmp / "manifest.csv", index=False)
-        write_json(tmp / "source.json", {"source": params.source, "files": len(manifest),
-                                         "empty_class_folders": empty_folders})
+        write_json(
+            tmp / "source.json", {"source": params.source, "files": len(manifest), "empty_class_folders": empty_folders}
+        )
     log.info("ingest: %d files from %s into %s", len(manifest), params.source, out_dir)
     return manifest
 
@@ -125,5 +138,8 @@ def _warn_if_unwatched(folder: Path) -> None:
     try:
         folder.resolve().relative_to(Path("data/sources").resolve())
     except ValueError:
-        log.warning("ingest: %s is outside data/sources/, so DVC will not notice when its files change; "
-                    "run `dvc repro -f ingest` after editing it, or move it under data/sources/", folder)
+        log.warning(
+            "ingest: %s is outside data/sources/, so DVC will not notice when its files change; "
+            "run `dvc repro -f ingest` after editing it, or move it under data/sources/",
+            folder,
+        )

@@ -1,4 +1,5 @@
 """Small file helpers that never leave a half-written output behind."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,4 +1,5 @@
 """Start servers on 127.0.0.1 for tests and benchmarks (`bentoml serve`, `prefect server start`), and stop them."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_process(cmd: list[str], cwd: str | Path, env: dict | None, name: str, ready_url: str | None = None,
-                  timeout_s: float = 120.0) -> tuple[subprocess.Popen, Path]:
+def start_process(
+    cmd: list[str], cwd: str | Path, env: dict | None, name: str, ready_url: str | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen, Path]:
     """Start `cmd`; with `ready_url`, return once it answers 200 (else raise with the log's end).
 
     The log goes to a file, not a pipe: a pipe nobody reads fills up and blocks the server mid-request.
@@ -47,14 +49,21 @@ def start_process(cmd: list[str], cwd: str | Path, env: dict | None, name: str, 
     raise RuntimeError(f"{name} did not answer {ready_url} within {timeout_s:.0f} s (log {log})")
 
 
-def start(target: list[str], cwd: str | Path, env: dict | None = None,
-          timeout_s: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
+def start(
+    target: list[str], cwd: str | Path, env: dict | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen, str, Path]:
     """`bentoml serve [target]` in cwd on a free loopback port; returns (process, base URL, log) once ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bentoml = str(Path(sys.executable).with_name("bentoml"))
-    proc, log = start_process([bentoml, "serve", *target, "--host", "127.0.0.1", "--port", str(port)], cwd, env,
-                              "bentoml-serve", f"{url}/readyz", timeout_s)
+    proc, log = start_process(
+        [bentoml, "serve", *target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd,
+        env,
+        "bentoml-serve",
+        f"{url}/readyz",
+        timeout_s,
+    )
     return proc, url, log
 
 
@@ -66,13 +75,23 @@ def start_prefect_server(home: str | Path, timeout_s: float = 180.0) -> tuple[su
     """
     home = Path(home)
     port = free_port()
-    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": None,
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": None,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
     prefect = str(Path(sys.executable).with_name("prefect"))
     api = f"http://127.0.0.1:{port}/api"
-    proc, log = start_process([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], home, env,
-                              "prefect-server", f"{api}/health", timeout_s)
+    proc, log = start_process(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        home,
+        env,
+        "prefect-server",
+        f"{api}/health",
+        timeout_s,
+    )
     return proc, api, log
 
 

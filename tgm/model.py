@@ -6,6 +6,7 @@ classification, iGPT average-pools the final-layer features over the sequence an
 can instead average them over a g x g grid of image regions (`cls_grid`) and concatenate the cells, which keeps
 where in the image a feature fired (grid 1 is iGPT's plain average).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,7 @@ class CausalSelfAttention(nn.Module):
             # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32 (measured with
             # torch 2.14), while the matmuls around it gain ~3x from bf16: keep attention itself in fp32.
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
-                                                   dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, dropout_p=dropout)
         else:
             # SDPA picks the fused / flash kernel available on the device.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
@@ -116,7 +116,7 @@ class TGM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.palette_size, bias=False)
-        self.cls_head = nn.Linear(cfg.n_embd * cfg.cls_grid ** 2, cfg.n_classes) if cfg.n_classes else None
+        self.cls_head = nn.Linear(cfg.n_embd * cfg.cls_grid**2, cfg.n_classes) if cfg.n_classes else None
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
         # GPT-2: scale the residual projections by depth so the residual stream's variance stays put.
@@ -148,7 +148,7 @@ class TGM(nn.Module):
         """
         B, T = inputs.shape
         start = cache.length if cache is not None else 0
-        x = self.drop(self.tok_emb(inputs) + self.pos_emb[:, start:start + T])  # (B, T, C)
+        x = self.drop(self.tok_emb(inputs) + self.pos_emb[:, start : start + T])  # (B, T, C)
         layers = [x] if all_layers else []
         for block in self.blocks:
             x = block(x, cache)
@@ -167,8 +167,14 @@ class TGM(nn.Module):
         return logits, class_logits
 
     @torch.no_grad()
-    def complete(self, prefix: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                 top_k: int = 0, use_cache: bool = True) -> torch.Tensor:
+    def complete(
+        self,
+        prefix: torch.Tensor,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         """Sample the pixels after `prefix` (B, P) until the sequence is full; returns (B, T).
 
         With use_cache (the default) each step feeds only the newest pixel and reuses the keys and values
@@ -225,8 +231,13 @@ def load_config(directory: str | Path) -> dict:
     return json.loads((Path(directory) / CONFIG_FILE).read_text())
 
 
-def load_model(directory: str | Path, map_location: str = "cpu", n_classes: int | None = None,
-               strict: bool = True, cls_grid: int | None = None) -> TGM:
+def load_model(
+    directory: str | Path,
+    map_location: str = "cpu",
+    n_classes: int | None = None,
+    strict: bool = True,
+    cls_grid: int | None = None,
+) -> TGM:
     """Rebuild a model from its directory. `n_classes` and `cls_grid` override the saved head (pretrained ->
     classifier)."""
     from safetensors.torch import load_file

@@ -1,4 +1,5 @@
 """Running DVC stages from other front doors (the Prefect flow), so that they and `dvc repro` never disagree."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -38,7 +39,7 @@ def refusal(lines: list[str]) -> str | None:
         m = _REFUSAL.search(line)
         if m:
             rest = [m.group(1)]
-            for more in lines[i + 1:]:
+            for more in lines[i + 1 :]:
                 if not more.startswith((" ", "\t")):
                     break
                 rest.append(more.strip())
@@ -69,16 +70,16 @@ def dvc_executable() -> str:
     return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
 
 
-def reproduce_stage(stage: str, workdir: str | Path = ".",
-                    on_line: Callable[[str], None] | None = None) -> StageRun:
+def reproduce_stage(stage: str, workdir: str | Path = ".", on_line: Callable[[str], None] | None = None) -> StageRun:
     """`dvc repro <stage>`, streaming each output line to `on_line`; raises StageFailed on failure."""
     cmd = [dvc_executable(), "repro", stage]
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     # Stage commands (`tgm ...`) must resolve to this environment's entry point.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     lines: list[str] = []
-    with subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
+    with subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
         for line in proc.stdout:
             line = line.rstrip("\n")
             lines.append(line)
@@ -118,9 +119,10 @@ def workspace_lock(workdir: str | Path, wait_s: float = 0.0, poll_s: float = 1.0
                 if time.monotonic() >= deadline:
                     f.seek(0)
                     holder = f.read().strip() or "another process"
-                    raise WorkspaceBusy(f"workspace {Path(workdir).resolve()} is busy: {holder} is reproducing it; "
-                                        f"waited {wait_s:.0f} s (raise the wait, or try again when it finishes)") \
-                        from None
+                    raise WorkspaceBusy(
+                        f"workspace {Path(workdir).resolve()} is busy: {holder} is reproducing it; "
+                        f"waited {wait_s:.0f} s (raise the wait, or try again when it finishes)"
+                    ) from None
                 time.sleep(poll_s)
         f.seek(0)
         f.truncate()
@@ -233,16 +235,16 @@ def save_experiment(workdir: str | Path, name: str, message: str, stages: list[s
             untracked = [p for p in repo.scm.untracked_files() if p.split("/")[0] in ("metrics", "plots", "reports")]
         except NoSCMError:
             raise RuntimeError(f"{workdir} is not a git repository: DVC experiments need git") from None
-        repo.experiments.save(targets=stages or None, name=name, force=True, include_untracked=untracked,
-                              message=message)
+        repo.experiments.save(
+            targets=stages or None, name=name, force=True, include_untracked=untracked, message=message
+        )
     return name
 
 
 def push(workdir: str | Path, remote: str | None = None, on_line: Callable[[str], None] | None = None) -> str:
     """`dvc push` to `remote`, else the default remote; returns DVC's summary line."""
     cmd = [dvc_executable(), "push"] + (["-r", remote] if remote else [])
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     for line in lines:
         if on_line:

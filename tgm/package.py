@@ -1,4 +1,5 @@
 """package: put the gated classifier into the BentoML model store and build a Bento around it."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,9 @@ log = logging.getLogger(__name__)
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -44,8 +46,13 @@ def _without_nulls(value):
     return value
 
 
-def package(params: Params, params_path: str = "params.yaml", classifier_dir: str | Path = "models/classifier",
-            gate_report: str | Path = "reports/gate.json", report_path: str | Path = "reports/package.json") -> dict:
+def package(
+    params: Params,
+    params_path: str = "params.yaml",
+    classifier_dir: str | Path = "models/classifier",
+    gate_report: str | Path = "reports/gate.json",
+    report_path: str | Path = "reports/package.json",
+) -> dict:
     import bentoml
 
     report = read_json(gate_report)
@@ -61,8 +68,9 @@ def package(params: Params, params_path: str = "params.yaml", classifier_dir: st
         "model": config["model"],
         "preprocess": read_json(Path(classifier_dir) / "preprocess.json"),
     }
-    with bentoml.models.create(params.package.model_name, metadata=metadata,
-                               labels={"project": "t-gm", "gate": "passed"}) as model_ref:
+    with bentoml.models.create(
+        params.package.model_name, metadata=metadata, labels={"project": "t-gm", "gate": "passed"}
+    ) as model_ref:
         for f in Path(classifier_dir).iterdir():
             shutil.copy2(f, Path(model_ref.path) / f.name)
     log.info("package: saved %s", model_ref.tag)

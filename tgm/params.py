@@ -3,6 +3,7 @@
 Every stage reads its group through `load_params`. A wrong type, an unknown key or an out-of-range value
 raises `ParamsError` naming the dotted key, so a typo in `dvc exp run -S` fails before any work starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,7 @@ class IngestParams:
             if not arg:
                 raise ParamsError("ingest.source: 'folder:' needs a path, e.g. folder:data/sources/pets")
         else:
-            raise ParamsError(
-                f"ingest.source: {self.source!r} is not builtin:mnist5k, builtin:digits or folder:PATH")
+            raise ParamsError(f"ingest.source: {self.source!r} is not builtin:mnist5k, builtin:digits or folder:PATH")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     """Optimisation settings shared by pretraining and fine-tuning (one training loop serves both)."""
+
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
@@ -133,8 +134,9 @@ class TrainParams:
             raise ParamsError(f"{group}.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         _at_least(f"{group}.grad_accum", self.grad_accum, 1)
         if self.batch_size < self.grad_accum:
-            raise ParamsError(f"{group}.grad_accum: {self.grad_accum} micro-batches cannot split a batch of "
-                              f"{self.batch_size}")
+            raise ParamsError(
+                f"{group}.grad_accum: {self.grad_accum} micro-batches cannot split a batch of {self.batch_size}"
+            )
         _at_least(f"{group}.checkpoint_every", self.checkpoint_every, 0)
         _at_least(f"{group}.augment_shift", self.augment_shift, 0)
         if not 0 <= self.augment_rotate <= 180:
@@ -157,6 +159,7 @@ class FinetuneParams(TrainParams):
 @dataclass(frozen=True)
 class ProbeParams:
     """Linear probes on the pretrained model: logistic regression on each layer's average-pooled features."""
+
     C: float = 1.0  # inverse L2 strength of the logistic regression
     max_iter: int = 2000
 
@@ -170,6 +173,7 @@ class ProbeParams:
 class StudyParams:
     """Label-efficiency study (protocol in tgm/study.py and the README): every arm on the same labelled
     subsets, each selecting its settings on a held-out part of its subset only."""
+
     fractions: tuple[float, ...] = (0.01, 0.1)  # shares of the training labels (stratified, seeded)
     subsets: int = 3  # label subsets per share (seeds seed, seed+1, ...): mean and spread are reported
     folds: int = 1  # model selection inside each subset: 1 = one holdout, k >= 2 = stratified k-fold
@@ -333,13 +337,13 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if item is int:
-            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                      for v in value):
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise ParamsError(f"{key}: expected a list of integers, got {value!r}")
             return tuple(value)
         if item is float:
-            if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      for v in value):
+            if not isinstance(value, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
                 raise ParamsError(f"{key}: expected a list of numbers, got {value!r}")
             return tuple(float(v) for v in value)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

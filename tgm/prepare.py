@@ -3,6 +3,7 @@
 Splits are stratified by class and drawn with `prepare.seed`; the accepted manifest holds each picture once
 (same sha256) and near-duplicates share a split, so no picture can sit in both training and test.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,13 +27,16 @@ GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 def class_order(labels) -> list[str]:
     """Class names in natural order, so "2" comes before "10"."""
+
     def key(s: str):
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
     return sorted(set(labels), key=key)
 
 
-def stratified_split(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-                     group: str | None = None) -> pd.Series:
+def stratified_split(
+    df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, group: str | None = None
+) -> pd.Series:
     """Assign each row to train/val/test, per class, with at least one training image per class.
 
     Rows sharing a `group` value (near-duplicates: the same picture re-encoded or retouched) always land in
@@ -47,7 +51,7 @@ def stratified_split(df: pd.DataFrame, val_fraction: float, test_fraction: float
         n = len(units)
         n_test = min(int(round(n * test_fraction)), n - 1)
         n_val = min(int(round(n * val_fraction)), n - 1 - n_test)
-        assign = {u: "test" for u in units[:n_test]} | {u: "val" for u in units[n_test:n_test + n_val]}
+        assign = {u: "test" for u in units[:n_test]} | {u: "val" for u in units[n_test : n_test + n_val]}
         split[rows] = [assign.get(k, "train") for k in keys[rows]]
     return split
 
@@ -59,8 +63,12 @@ def looks_grey(image: Image.Image) -> bool:
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
-def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated", raw_dir: str | Path = "data/raw",
-            out_dir: str | Path = "data/prepared") -> dict:
+def prepare(
+    params: PrepareParams,
+    validated_dir: str | Path = "data/validated",
+    raw_dir: str | Path = "data/raw",
+    out_dir: str | Path = "data/prepared",
+) -> dict:
     raw_dir = Path(raw_dir)
     manifest = pd.read_csv(Path(validated_dir) / "manifest.csv", keep_default_na=False, dtype={"label": str})
     manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
@@ -91,8 +99,9 @@ def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated",
     if len(train_pixels) > params.kmeans_sample_pixels:
         pick = np.random.default_rng(params.seed).choice(len(train_pixels), params.kmeans_sample_pixels, replace=False)
         train_pixels = train_pixels[np.sort(pick)]
-    spec = PreprocessSpec(params.image_size, color_mode,
-                          fit_palette(train_pixels, color_mode, params.palette_size, params.seed))
+    spec = PreprocessSpec(
+        params.image_size, color_mode, fit_palette(train_pixels, color_mode, params.palette_size, params.seed)
+    )
     # Same two steps as preprocess.image_to_tokens, batched: the service uses that function on each image.
     tokens = quantize_to_palette(pixels.reshape(-1, pixels.shape[-1]), spec.palette).reshape(len(table), -1)
     labels = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -117,8 +126,13 @@ def prepare(params: PrepareParams, validated_dir: str | Path = "data/validated",
             "images": len(table),
         }
         write_json(tmp / "meta.json", meta)
-    log.info("prepare: %s, %s palette of %d, splits %s", f"{params.image_size}x{params.image_size}",
-             color_mode, spec.palette_size, counts)
+    log.info(
+        "prepare: %s, %s palette of %d, splits %s",
+        f"{params.image_size}x{params.image_size}",
+        color_mode,
+        spec.palette_size,
+        counts,
+    )
     return meta
 
 
@@ -140,16 +154,21 @@ def check_prepared(prepared_dir: str | Path) -> dict:
         if tokens.ndim != 2 or tokens.shape[1] != seq_len:
             problems.append(f"{split}: tokens have shape {tokens.shape}, expected (N, {seq_len})")
         if len(tokens) != len(labels) or len(tokens) != meta["split_sizes"][split]:
-            problems.append(f"{split}: {len(tokens)} sequences, {len(labels)} labels, meta.json says "
-                            f"{meta['split_sizes'][split]}")
+            problems.append(
+                f"{split}: {len(tokens)} sequences, {len(labels)} labels, meta.json says {meta['split_sizes'][split]}"
+            )
         if tokens.size and (tokens.min() < 0 or tokens.max() >= palette):
-            problems.append(f"{split}: token values {tokens.min()}..{tokens.max()} outside the palette 0..{palette - 1}")
+            problems.append(
+                f"{split}: token values {tokens.min()}..{tokens.max()} outside the palette 0..{palette - 1}"
+            )
         if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
             problems.append(f"{split}: labels {labels.min()}..{labels.max()} outside 0..{n_classes - 1}")
         missing = sorted(set(range(n_classes)) - set(labels.tolist()))
         if missing:
-            problems.append(f"{split}: no images of class(es) {', '.join(meta['classes'][i] for i in missing)} "
-                            "(add images or change prepare.val_fraction / prepare.test_fraction)")
+            problems.append(
+                f"{split}: no images of class(es) {', '.join(meta['classes'][i] for i in missing)} "
+                "(add images or change prepare.val_fraction / prepare.test_fraction)"
+            )
     if problems:
         raise schemas.DataContractError(f"{prepared_dir} is not fit for training:\n  " + "\n  ".join(problems))
     return meta
@@ -157,5 +176,7 @@ def check_prepared(prepared_dir: str | Path) -> dict:
 
 def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     prepared_dir = Path(prepared_dir)
-    return (np.load(prepared_dir / f"{split}_tokens.npy").astype(np.int64),
-            np.load(prepared_dir / f"{split}_labels.npy"))
+    return (
+        np.load(prepared_dir / f"{split}_tokens.npy").astype(np.int64),
+        np.load(prepared_dir / f"{split}_labels.npy"),
+    )

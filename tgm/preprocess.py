@@ -8,6 +8,7 @@ Rules (stated once, here):
   enlarging uses bilinear interpolation.
 - Each pixel becomes the index of its nearest palette colour; the sequence is the raster order (row by row).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,16 @@ class PreprocessSpec:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / PALETTE_FILE, self.palette)
-        (directory / SPEC_FILE).write_text(json.dumps(
-            {"image_size": self.image_size, "color_mode": self.color_mode, "palette_size": self.palette_size},
-            indent=2) + "\n")
+        (directory / SPEC_FILE).write_text(
+            json.dumps(
+                {"image_size": self.image_size, "color_mode": self.color_mode, "palette_size": self.palette_size},
+                indent=2,
+            )
+            + "\n"
+        )
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PreprocessSpec":
+    def load(cls, directory: str | Path) -> PreprocessSpec:
         directory = Path(directory)
         spec = json.loads((directory / SPEC_FILE).read_text())
         palette = np.load(directory / PALETTE_FILE, allow_pickle=False)

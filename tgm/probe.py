@@ -5,6 +5,7 @@ training split, choose the layer on the validation split, report test accuracy. 
 (token + position), so the table also shows what the transformer layers add. iGPT found the middle layers
 best for its large models; `plots/probe.csv` shows where the peak is on your data.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,14 +29,13 @@ def pooled_features(model: TGM, tokens: np.ndarray, grid: int = 1, batch_size: i
     model.eval()
     out = []
     for i in range(0, len(tokens), batch_size):
-        x = model.shift_right(torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)))
+        x = model.shift_right(torch.from_numpy(tokens[i : i + batch_size].astype(np.int64)))
         _, layers = model.hidden(x, all_layers=True)
         out.append(torch.stack([grid_pool(h, grid) for h in layers]).float().numpy())
     return np.concatenate(out, axis=1)
 
 
-def probe_accuracies(features: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                     params: ProbeParams) -> list[dict]:
+def probe_accuracies(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], params: ProbeParams) -> list[dict]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -44,15 +44,25 @@ def probe_accuracies(features: dict[str, np.ndarray], labels: dict[str, np.ndarr
     for layer in range(features["train"].shape[0]):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=params.C, max_iter=params.max_iter))
         clf.fit(features["train"][layer], labels["train"])
-        rows.append({"layer": layer, **{f"{split}_accuracy": round(float(clf.score(features[split][layer],
-                                                                                    labels[split])), 6)
-                                       for split in ("train", "val", "test")}})
+        rows.append(
+            {
+                "layer": layer,
+                **{
+                    f"{split}_accuracy": round(float(clf.score(features[split][layer], labels[split])), 6)
+                    for split in ("train", "val", "test")
+                },
+            }
+        )
     return rows
 
 
-def probe(params: ProbeParams, prepared_dir: str | Path = "data/prepared",
-          pretrained_dir: str | Path = "models/pretrained", metrics_path: str | Path = "metrics/probe.json",
-          plot_path: str | Path = "plots/probe.csv") -> dict:
+def probe(
+    params: ProbeParams,
+    prepared_dir: str | Path = "data/prepared",
+    pretrained_dir: str | Path = "models/pretrained",
+    metrics_path: str | Path = "metrics/probe.json",
+    plot_path: str | Path = "plots/probe.csv",
+) -> dict:
     from tgm.prepare import check_prepared, load_split
 
     check_prepared(prepared_dir)
@@ -64,15 +74,22 @@ def probe(params: ProbeParams, prepared_dir: str | Path = "data/prepared",
     rows = probe_accuracies(features, {s: y for s, (_, y) in splits.items()}, params)
     # Ties go to the shallower layer: the cheaper feature extractor.
     best = max(rows, key=lambda r: (r["val_accuracy"], -r["layer"]))
-    metrics = {"best_layer": best["layer"], "val_accuracy": best["val_accuracy"],
-               "test_accuracy": best["test_accuracy"],
-               "by_layer": {f"layer{r['layer']}": {"val": r["val_accuracy"], "test": r["test_accuracy"]}
-                            for r in rows}}
+    metrics = {
+        "best_layer": best["layer"],
+        "val_accuracy": best["val_accuracy"],
+        "test_accuracy": best["test_accuracy"],
+        "by_layer": {f"layer{r['layer']}": {"val": r["val_accuracy"], "test": r["test_accuracy"]} for r in rows},
+    }
     Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(plot_path, index=False)
     write_json(metrics_path, metrics)
     for r in rows:
-        log.info("probe: layer %d  train %.4f  val %.4f  test %.4f", r["layer"], r["train_accuracy"],
-                 r["val_accuracy"], r["test_accuracy"])
+        log.info(
+            "probe: layer %d  train %.4f  val %.4f  test %.4f",
+            r["layer"],
+            r["train_accuracy"],
+            r["val_accuracy"],
+            r["test_accuracy"],
+        )
     log.info("probe: best layer %d (validation), test accuracy %.4f", best["layer"], best["test_accuracy"])
     return metrics

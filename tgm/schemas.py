@@ -1,4 +1,5 @@
 """pandera contracts for the tables that pass between stages, checked where they cross a boundary."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -12,6 +13,7 @@ class DataContractError(ValueError):
 
 class Manifest(pa.DataFrameModel):
     """One row per file that ingest found."""
+
     path: Series[str] = pa.Field(unique=True)
     label: Series[str] = pa.Field(nullable=True)
     entry: Series[str] = pa.Field(isin=["file", "symlink", "special"])
@@ -28,6 +30,7 @@ class Manifest(pa.DataFrameModel):
 
 class AcceptedManifest(Manifest):
     """Images that passed validation: labelled, decodable, and each picture (sha256) once."""
+
     label: Series[str] = pa.Field(str_length={"min_value": 1})
     sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$", unique=True)
     width: Series[int] = pa.Field(ge=1)
@@ -36,6 +39,7 @@ class AcceptedManifest(Manifest):
 
 class SplitTable(pa.DataFrameModel):
     """Which accepted image went to which split."""
+
     path: Series[str] = pa.Field(unique=True)
     label: Series[str] = pa.Field(str_length={"min_value": 1})
     sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")
@@ -64,5 +68,6 @@ def check(model: type[pa.DataFrameModel], df: pd.DataFrame, what: str) -> pd.Dat
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases[["column", "check", "failure_case"]].head(10)
         lines = [f"  {r.column or '(table)'}: {r.check} failed for {r.failure_case!r}" for r in cases.itertuples()]
-        raise DataContractError(f"{what} breaks its contract ({len(exc.failure_cases)} failures):\n"
-                                + "\n".join(lines)) from None
+        raise DataContractError(
+            f"{what} breaks its contract ({len(exc.failure_cases)} failures):\n" + "\n".join(lines)
+        ) from None

@@ -14,6 +14,7 @@ bombs, default 40 Mpx), TGM_MAX_IMAGES (per /classify_batch, default 64), TGM_MA
 default 16). Every client mistake is a 4xx with a JSON body naming the problem.
 With TGM_API_KEY set, every endpoint but the health checks needs `Authorization: Bearer <key>`.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,15 +55,19 @@ MAX_IMAGES = _env_int("TGM_MAX_IMAGES", 64)
 MAX_SAMPLES = _env_int("TGM_MAX_SAMPLES", 16)
 WORKERS = _env_int("TGM_WORKERS", 1)
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
-for _name, _value in (("TGM_MAX_BATCH_SIZE", MAX_BATCH_SIZE), ("TGM_MAX_LATENCY_MS", MAX_LATENCY_MS),
-                      ("TGM_WORKERS", WORKERS)):
+for _name, _value in (
+    ("TGM_MAX_BATCH_SIZE", MAX_BATCH_SIZE),
+    ("TGM_MAX_LATENCY_MS", MAX_LATENCY_MS),
+    ("TGM_WORKERS", WORKERS),
+):
     if _value < 1:
         raise SystemExit(f"{_name}={_value} must be at least 1")
 
 strict_multipart()
 # Prometheus, on BentoML's /metrics: how full the batches are under the traffic this server sees.
-BATCH_SIZES = Histogram("tgm_batch_size", "images per forward pass of /classify and /classify_batch",
-                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_SIZES = Histogram(
+    "tgm_batch_size", "images per forward pass of /classify and /classify_batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
 
 
 class BadRequest(Exception):
@@ -84,8 +89,10 @@ def decode(path: Path, field: str) -> Image.Image:
     except InvalidImage as exc:
         raise BadRequest(exc.reason, f"{field}: {exc}") from None
     if image.format not in ACCEPTED_FORMATS:
-        raise BadRequest("format_not_accepted",
-                         f"{field}: {image.format} images are not accepted (send {', '.join(ACCEPTED_FORMATS)})")
+        raise BadRequest(
+            "format_not_accepted",
+            f"{field}: {image.format} images are not accepted (send {', '.join(ACCEPTED_FORMATS)})",
+        )
     return image
 
 
@@ -107,18 +114,33 @@ class TGMClassifier:
         torch.set_num_threads(_env_int("TGM_TORCH_THREADS", torch.get_num_threads()))
         self.model = load_model(path).eval()
         self.torch_lane = anyio.CapacityLimiter(1)  # one torch call at a time: it uses every core by itself
-        self.batcher = MicroBatcher(lambda tokens: predict_proba(self.model, tokens), MAX_BATCH_SIZE,
-                                    MAX_LATENCY_MS, self.torch_lane, BATCH_SIZES.observe)
+        self.batcher = MicroBatcher(
+            lambda tokens: predict_proba(self.model, tokens),
+            MAX_BATCH_SIZE,
+            MAX_LATENCY_MS,
+            self.torch_lane,
+            BATCH_SIZES.observe,
+        )
         self.spec = PreprocessSpec.load(path)
         self.classes: list[str] = load_config(path)["classes"]
         info = self.bento_model.info.metadata or {}
         self.about = {
-            "model": str(self.bento_model.tag), "classes": self.classes, "image_size": self.spec.image_size,
-            "palette_size": self.spec.palette_size, "color_mode": self.spec.color_mode,
-            "metrics": info.get("metrics"), "params": info.get("params"), "git_commit": info.get("git_commit"),
+            "model": str(self.bento_model.tag),
+            "classes": self.classes,
+            "image_size": self.spec.image_size,
+            "palette_size": self.spec.palette_size,
+            "color_mode": self.spec.color_mode,
+            "metrics": info.get("metrics"),
+            "params": info.get("params"),
+            "git_commit": info.get("git_commit"),
             "data_hash": info.get("data_hash"),
-            "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_pixels": MAX_PIXELS, "max_images": MAX_IMAGES,
-                       "max_samples": MAX_SAMPLES, "accepted_formats": list(ACCEPTED_FORMATS)},
+            "limits": {
+                "max_request_bytes": MAX_REQUEST_BYTES,
+                "max_pixels": MAX_PIXELS,
+                "max_images": MAX_IMAGES,
+                "max_samples": MAX_SAMPLES,
+                "accepted_formats": list(ACCEPTED_FORMATS),
+            },
             "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
         }
 
@@ -135,8 +157,11 @@ class TGMClassifier:
         return await anyio.to_thread.run_sync(lambda: image_to_tokens(decode(path, field), self.spec))
 
     def _answer(self, probs: np.ndarray) -> dict:
-        return {"label": self.classes[int(probs.argmax())], "model": self.about["model"],
-                "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
+        return {
+            "label": self.classes[int(probs.argmax())],
+            "model": self.about["model"],
+            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
+        }
 
     @http.get("/metadata")
     def metadata(self) -> dict:
@@ -162,8 +187,9 @@ class TGMClassifier:
 
         Example: `curl -F images=@a.png -F images=@b.png http://localhost:3000/classify_batch`"""
         if not 1 <= len(images) <= MAX_IMAGES:
-            return error_response(BadRequest("too_many_images",
-                                             f"images: send 1 to {MAX_IMAGES} files, got {len(images)}"))
+            return error_response(
+                BadRequest("too_many_images", f"images: send 1 to {MAX_IMAGES} files, got {len(images)}")
+            )
         try:
             tokens = np.stack([await self._tokens(p, f"images[{i}]") for i, p in enumerate(images)])
             probs = await self.batcher(tokens)
@@ -175,14 +201,20 @@ class TGMClassifier:
     async def complete(
         self,
         image: Path,
-        keep_fraction: t.Annotated[float, Field(ge=0.0, le=1.0, description="share of the rows kept from the top",
-                                                json_schema_extra={"example": 0.5})] = 0.5,
-        n: t.Annotated[int, Field(ge=1, le=MAX_SAMPLES, description="completions to sample",
-                                  json_schema_extra={"example": 4})] = 4,
+        keep_fraction: t.Annotated[
+            float,
+            Field(
+                ge=0.0, le=1.0, description="share of the rows kept from the top", json_schema_extra={"example": 0.5}
+            ),
+        ] = 0.5,
+        n: t.Annotated[
+            int, Field(ge=1, le=MAX_SAMPLES, description="completions to sample", json_schema_extra={"example": 4})
+        ] = 4,
         seed: t.Annotated[int, Field(ge=0, le=2**63 - 1, json_schema_extra={"example": 0})] = 0,
         temperature: t.Annotated[float, Field(ge=0.01, le=10.0, json_schema_extra={"example": 1.0})] = 1.0,
-        top_k: t.Annotated[int, Field(ge=0, le=4096, description="0: the whole palette",
-                                      json_schema_extra={"example": 0})] = 0,
+        top_k: t.Annotated[
+            int, Field(ge=0, le=4096, description="0: the whole palette", json_schema_extra={"example": 0})
+        ] = 0,
     ) -> t.Annotated[Image.Image, ContentType("image/png")]:
         """Keep the top `keep_fraction` of the image's rows and let the model sample the rest, `n` times.
 
@@ -197,9 +229,10 @@ class TGMClassifier:
         keep = round(keep_fraction * size) * size  # whole rows
         samples = await anyio.to_thread.run_sync(
             lambda: self._sample(tokens[:keep], n=n, seed=seed, temperature=temperature, top_k=top_k),
-            limiter=self.torch_lane)
+            limiter=self.torch_lane,
+        )
         kept = tokens_to_image(tokens, self.spec).copy()
-        kept[keep // size:] = 128
+        kept[keep // size :] = 128
         tiles = [tokens_to_image(tokens, self.spec), kept] + [tokens_to_image(s, self.spec) for s in samples]
         gap = np.full((size, 1, tiles[0].shape[2]), 255, dtype=np.uint8)
         row = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)

@@ -4,8 +4,8 @@ The protocol, enforced here and written down in the README:
 
 - Labelled subsets. For each share of the training labels in study.fractions and each of study.subsets seeds,
   a stratified subset L of the training split: round(fraction x class size) images per class, at least two
-  (one to fit, one to select; k with k folds). The other training images stay unlabelled pixels. No arm ever sees a label
-  outside L; validation labels are not used at all; test images are scored once per arm and subset.
+  (one to fit, one to select; k with k folds). The other training images stay unlabelled pixels. No arm ever
+  sees a label outside L; validation labels are not used at all; test images are scored once per arm and subset.
 - One rule of model selection for every arm. L is split, stratified and seeded, into fit and selection
   parts: one holdout (study.folds = 1: study.holdout of each class, at least one image) or k-fold
   (study.folds = k). Each candidate in an arm's grid is fitted on each fit part and scored by accuracy on
@@ -30,6 +30,7 @@ The protocol, enforced here and written down in the README:
 metrics/study.json holds mean, spread (population standard deviation) and range per arm and share, and the
 neural arms' final training accuracy on L (did they fit it?); plots/label_efficiency.csv holds every run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,9 +103,11 @@ def select_and_refit(candidates: list[dict], make, splits: list[dict], everythin
 
 
 def pixel_candidates(n_fit: int, params: StudyParams) -> dict[str, list[dict]]:
-    return {"logreg": [{"C": c} for c in params.logreg_C],
-            "svm_rbf": [{"C": c, "gamma_scale": g} for c in params.svm_C for g in params.svm_gamma_scale],
-            "knn": [{"k": k} for k in params.knn_k if k <= n_fit] or [{"k": 1}]}
+    return {
+        "logreg": [{"C": c} for c in params.logreg_C],
+        "svm_rbf": [{"C": c, "gamma_scale": g} for c in params.svm_C for g in params.svm_gamma_scale],
+        "knn": [{"k": k} for k in params.knn_k if k <= n_fit] or [{"k": 1}],
+    }
 
 
 def pixel_model(arm: str, **settings):
@@ -167,8 +170,17 @@ def train_neural(model, x, y, params: FinetuneParams, epochs: int, unlabelled, s
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # dozens of short runs: one line per run below, not one per epoch
     try:
-        history, _ = fit(model.to(device), (x, y), selection, budget, "classify", device,
-                         lambda_gen=params.lambda_gen, restore_best=False, unlabelled=unlabelled)
+        history, _ = fit(
+            model.to(device),
+            (x, y),
+            selection,
+            budget,
+            "classify",
+            device,
+            lambda_gen=params.lambda_gen,
+            restore_best=False,
+            unlabelled=unlabelled,
+        )
     finally:
         train_log.setLevel(level)
     return history
@@ -189,8 +201,17 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
         runs = []
         for split in data["splits"]:
             seed_everything(params.seed)
-            runs.append(train_neural(make_model(), *split["fit"], dataclasses.replace(params, lr=lr), epochs,
-                                     unlabelled, split["select"], device))
+            runs.append(
+                train_neural(
+                    make_model(),
+                    *split["fit"],
+                    dataclasses.replace(params, lr=lr),
+                    epochs,
+                    unlabelled,
+                    split["select"],
+                    device,
+                )
+            )
         for e in range(epochs):
             acc = float(np.mean([h[e]["val_accuracy"] for h in runs]))
             loss = float(np.mean([h[e]["val_cls_loss"] for h in runs]))
@@ -200,24 +221,35 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
     seed_everything(params.seed)
     model = make_model()
     x_all, y_all = data["all"]
-    train_neural(model, x_all, y_all, dataclasses.replace(params, lr=lr), chosen_epochs, unlabelled, None,
-                 device)
+    train_neural(model, x_all, y_all, dataclasses.replace(params, lr=lr), chosen_epochs, unlabelled, None, device)
     model = model.cpu()
     accuracy = lambda x, y: float((predict_proba(model, x).argmax(1) == y).mean())  # noqa: E731
-    return {"test": accuracy(*data["test"]), "train": accuracy(x_all, y_all), "select": select_acc,
-            "choice": f"lr={lr:g} epochs={chosen_epochs}"}
+    return {
+        "test": accuracy(*data["test"]),
+        "train": accuracy(x_all, y_all),
+        "select": select_acc,
+        "choice": f"lr={lr:g} epochs={chosen_epochs}",
+    }
 
 
 def sklearn_arm(candidates, make, data: dict) -> dict:
     model, settings, select_acc = select_and_refit(candidates, make, data["splits"], data["all"])
-    return {"test": float(model.score(*data["test"])), "select": select_acc,
-            "choice": " ".join(f"{k}={v}" for k, v in settings.items())}
+    return {
+        "test": float(model.score(*data["test"])),
+        "select": select_acc,
+        "choice": " ".join(f"{k}={v}" for k, v in settings.items()),
+    }
 
 
-def study(params: StudyParams, finetune_params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
-          pretrained_dir: str | Path = "models/pretrained", metrics_path: str | Path = "metrics/study.json",
-          table_path: str | Path = "plots/label_efficiency.csv",
-          plot_path: str | Path = "plots/label_efficiency.png") -> dict:
+def study(
+    params: StudyParams,
+    finetune_params: FinetuneParams,
+    prepared_dir: str | Path = "data/prepared",
+    pretrained_dir: str | Path = "models/pretrained",
+    metrics_path: str | Path = "metrics/study.json",
+    table_path: str | Path = "plots/label_efficiency.csv",
+    plot_path: str | Path = "plots/label_efficiency.png",
+) -> dict:
     from tgm.model import TGM, load_model
     from tgm.prepare import check_prepared, load_split
     from tgm.preprocess import PreprocessSpec, pixel_features
@@ -247,41 +279,66 @@ def study(params: StudyParams, finetune_params: FinetuneParams, prepared_dir: st
         for subset in range(params.subsets):
             seed = params.seed + subset
             idx = label_subset(train[1], fraction, seed, min_per_class=max(2, params.folds))
-            folds = [{"fit": idx[f], "select": idx[s]}
-                     for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)]
+            folds = [
+                {"fit": idx[f], "select": idx[s]}
+                for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)
+            ]
             unlabelled = np.delete(train[0], idx, axis=0) if params.unlabelled else None
 
             def data(source, test_x, pick=lambda x, i: x[i]):
                 """The subset's folds, the whole subset and the test split, from one view of the images."""
                 view = lambda i: (pick(source, i), train[1][i])  # noqa: E731
-                return {"splits": [{k: view(i) for k, i in f.items()} for f in folds], "all": view(idx),
-                        "test": (test_x, test[1])}
+                return {
+                    "splits": [{k: view(i) for k, i in f.items()} for f in folds],
+                    "all": view(idx),
+                    "test": (test_x, test[1]),
+                }
 
             results = {}
-            for arm, make, lrs, steps in (("finetune", pretrained_model, params.finetune_lrs, params.steps),
-                                          ("scratch", scratch_model, params.scratch_lrs, params.scratch_steps)):
+            for arm, make, lrs, steps in (
+                ("finetune", pretrained_model, params.finetune_lrs, params.steps),
+                ("scratch", scratch_model, params.scratch_lrs, params.scratch_steps),
+            ):
                 t0 = time.perf_counter()
-                results[arm] = neural_arm(make, lrs, data(train[0], test[0]), finetune_params, steps,
-                                          unlabelled, device)
-                log.info("study: %s, %g of the labels, subset %d: %.1fs", arm, fraction, subset,
-                         time.perf_counter() - t0)
+                results[arm] = neural_arm(
+                    make, lrs, data(train[0], test[0]), finetune_params, steps, unlabelled, device
+                )
+                log.info(
+                    "study: %s, %g of the labels, subset %d: %.1fs", arm, fraction, subset, time.perf_counter() - t0
+                )
             layers = list(range(1, features["train"].shape[0])) + ["all"]
-            results["probe"] = sklearn_arm([{"C": c, "layer": layer} for layer in layers for c in params.probe_C],
-                                           LayerProbe, data(features["train"], features["test"],
-                                                            pick=lambda x, i: x[:, i]))
+            results["probe"] = sklearn_arm(
+                [{"C": c, "layer": layer} for layer in layers for c in params.probe_C],
+                LayerProbe,
+                data(features["train"], features["test"], pick=lambda x, i: x[:, i]),
+            )
             for arm, candidates in pixel_candidates(min(len(f["fit"]) for f in folds), params).items():
-                results[arm] = sklearn_arm(candidates, lambda _arm=arm, **s: pixel_model(_arm, **s),
-                                           data(pixels["train"], pixels["test"]))
+                results[arm] = sklearn_arm(
+                    candidates, lambda _arm=arm, **s: pixel_model(_arm, **s), data(pixels["train"], pixels["test"])
+                )
             # What a user holding only L would deploy: the T-GM variant that did better on the selection part.
             picked = "finetune" if results["finetune"]["select"] > results["probe"]["select"] else "probe"
             results["tgm"] = {**results[picked], "choice": picked}
             for arm, r in results.items():
-                runs.append({"fraction": fraction, "labelled": len(idx), "subset": subset, "arm": arm,
-                             "test_accuracy": round(r["test"], 6), "select_accuracy": round(r["select"], 6),
-                             "train_accuracy": round(r["train"], 6) if "train" in r else None,
-                             "choice": r["choice"]})
-            log.info("study: %g of the labels (%d images), subset %d: %s", fraction, len(idx), subset,
-                     "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS))
+                runs.append(
+                    {
+                        "fraction": fraction,
+                        "labelled": len(idx),
+                        "subset": subset,
+                        "arm": arm,
+                        "test_accuracy": round(r["test"], 6),
+                        "select_accuracy": round(r["select"], 6),
+                        "train_accuracy": round(r["train"], 6) if "train" in r else None,
+                        "choice": r["choice"],
+                    }
+                )
+            log.info(
+                "study: %g of the labels (%d images), subset %d: %s",
+                fraction,
+                len(idx),
+                subset,
+                "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS),
+            )
 
     table = pd.DataFrame(runs)
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
@@ -301,8 +358,12 @@ def summarise(table: pd.DataFrame) -> dict:
         entry = {"labelled": int(rows["labelled"].mean()), "subsets": int(rows["subset"].nunique())}
         for arm in ARMS:
             acc = rows.loc[rows["arm"] == arm, "test_accuracy"]
-            entry[arm] = {"mean": round(float(acc.mean()), 6), "std": round(float(acc.std(ddof=0)), 6),
-                          "min": round(float(acc.min()), 6), "max": round(float(acc.max()), 6)}
+            entry[arm] = {
+                "mean": round(float(acc.mean()), 6),
+                "std": round(float(acc.std(ddof=0)), 6),
+                "min": round(float(acc.min()), 6),
+                "max": round(float(acc.max()), 6),
+            }
             if arm in NEURAL:
                 train_acc = rows.loc[rows["arm"] == arm, "train_accuracy"]
                 entry[arm]["train_accuracy"] = round(float(train_acc.mean()), 6)
@@ -314,25 +375,46 @@ def summarise(table: pd.DataFrame) -> dict:
 
 
 def protocol_line(params: StudyParams) -> str:
-    rule = (f"a held-out {params.holdout:g} of its subset" if params.folds == 1 else
-            f"{params.folds}-fold cross-validation inside its subset")
-    return (f"{params.subsets} label subsets per share; every arm selects its settings by {rule}, then refits "
-            "on all of it; test split untouched by selection"
-            + ("; neural arms also see the unlabelled pixels' next-pixel loss" if params.unlabelled else ""))
+    rule = (
+        f"a held-out {params.holdout:g} of its subset"
+        if params.folds == 1
+        else f"{params.folds}-fold cross-validation inside its subset"
+    )
+    return (
+        f"{params.subsets} label subsets per share; every arm selects its settings by {rule}, then refits "
+        "on all of it; test split untouched by selection"
+        + ("; neural arms also see the unlabelled pixels' next-pixel loss" if params.unlabelled else "")
+    )
 
 
 def draw(table: pd.DataFrame, path: Path, params: StudyParams) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"tgm": "o-", "finetune": ".:", "probe": "x:", "scratch": "s-", "logreg": "^--", "svm_rbf": "v--",
-              "knn": "d--"}
+    styles = {
+        "tgm": "o-",
+        "finetune": ".:",
+        "probe": "x:",
+        "scratch": "s-",
+        "logreg": "^--",
+        "svm_rbf": "v--",
+        "knn": "d--",
+    }
     for arm, style in styles.items():
         stats = table[table["arm"] == arm].groupby("labelled")["test_accuracy"].agg(["mean", "std"]).fillna(0.0)
-        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], fmt=style, label=arm, markersize=4,
-                    capsize=3, linewidth=1.6 if arm == "tgm" else 1.0)
+        ax.errorbar(
+            stats.index,
+            stats["mean"],
+            yerr=stats["std"],
+            fmt=style,
+            label=arm,
+            markersize=4,
+            capsize=3,
+            linewidth=1.6 if arm == "tgm" else 1.0,
+        )
     ax.set_xscale("log")
     counts = sorted(table["labelled"].unique())
     ax.set_xticks(counts, [str(c) for c in counts])

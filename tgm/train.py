@@ -14,6 +14,7 @@ whole training state (weights, optimizer, schedule, RNGs, data order, history). 
 again resumes from it and ends with the same numbers as an uninterrupted run.
 Same params + same machine -> same numbers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +47,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 @dataclass(frozen=True)
 class Dist:
     """Where this process sits in a torchrun job; a plain run is rank 0 of 1."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -115,8 +117,11 @@ def make_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.A
     # Decay matrices and embeddings; biases and LayerNorm gains are left alone.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=params.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=params.lr,
+        betas=(0.9, 0.95),
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int, min_fraction: float) -> float:
@@ -135,9 +140,9 @@ def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generato
     k = max_shift
     grid = tokens.view(B, S, S)
     fill = grid[:, :1, :1].expand(B, S + 2 * k, S + 2 * k).clone()
-    fill[:, k:k + S, k:k + S] = grid
+    fill[:, k : k + S, k : k + S] = grid
     offsets = torch.randint(0, 2 * k + 1, (B, 2), generator=generator)
-    out = torch.stack([fill[b, dy:dy + S, dx:dx + S] for b, (dy, dx) in enumerate(offsets.tolist())])
+    out = torch.stack([fill[b, dy : dy + S, dx : dx + S] for b, (dy, dx) in enumerate(offsets.tolist())])
     return out.reshape(B, T)
 
 
@@ -152,13 +157,18 @@ def warp_images(tokens: torch.Tensor, degrees: float, scale: float, generator: t
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1), torch.stack([sin, cos, torch.zeros(B)], 1)], 1)
     fill = tokens[:, :1].float().view(B, 1, 1, 1)
     grid = F.affine_grid(theta, (B, 1, S, S), align_corners=False)
-    moved = F.grid_sample(tokens.float().view(B, 1, S, S) - fill, grid, mode="nearest", padding_mode="zeros",
-                          align_corners=False) + fill
+    moved = (
+        F.grid_sample(
+            tokens.float().view(B, 1, S, S) - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        + fill
+    )
     return moved.round().to(tokens.dtype).view(B, T)
 
 
-def batch_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
-                 lambda_gen: float) -> tuple[torch.Tensor, dict]:
+def batch_losses(
+    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None, objective: Objective, lambda_gen: float
+) -> tuple[torch.Tensor, dict]:
     logits, class_logits = model(tokens)
     gen = next_pixel_loss(logits, tokens)
     if objective == "generative":
@@ -171,16 +181,23 @@ def batch_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_split(model: TGM, tokens: np.ndarray, labels: np.ndarray | None, objective: Objective,
-                   lambda_gen: float, batch_size: int, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate_split(
+    model: TGM,
+    tokens: np.ndarray,
+    labels: np.ndarray | None,
+    objective: Objective,
+    lambda_gen: float,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
     """Mean losses over a split; bits per pixel = next-pixel cross-entropy / ln 2."""
     model.eval()
     sums = {"gen_loss": 0.0, "cls_loss": 0.0, "correct": 0.0}
     n = len(tokens)
     for i in range(0, n, batch_size):
-        x = torch.from_numpy(tokens[i:i + batch_size]).to(device)
-        y = torch.from_numpy(labels[i:i + batch_size]).to(device) if labels is not None else None
+        x = torch.from_numpy(tokens[i : i + batch_size]).to(device)
+        y = torch.from_numpy(labels[i : i + batch_size]).to(device) if labels is not None else None
         with autocast(device, amp_dtype):
             _, parts = batch_losses(model, x, y, objective, lambda_gen)
         for k, v in parts.items():
@@ -238,10 +255,19 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None,
-        params: TrainParams, objective: Objective, device: torch.device, lambda_gen: float = 0.0,
-        checkpointer: Checkpointer | None = None, dist: Dist = Dist(),
-        restore_best: bool = True, unlabelled: np.ndarray | None = None) -> tuple[list[dict], int]:
+def fit(
+    model: TGM,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None,
+    params: TrainParams,
+    objective: Objective,
+    device: torch.device,
+    lambda_gen: float = 0.0,
+    checkpointer: Checkpointer | None = None,
+    dist: Dist = Dist(),
+    restore_best: bool = True,
+    unlabelled: np.ndarray | None = None,
+) -> tuple[list[dict], int]:
     """Train in place; on return the model holds the weights of its best validation epoch (or, without
     restore_best, of its last step: a fixed budget that never looks at validation labels). Without `val`,
     training runs its epochs to the end and keeps the last weights.
@@ -259,8 +285,7 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
     warmup = max(1, int(total * params.warmup_fraction))
     amp_dtype = resolve_precision(params.precision, device)
     opt = make_optimizer(model, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, warmup, params.min_lr_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, params.min_lr_fraction))
     order_gen = torch.Generator().manual_seed(params.seed)
     aug_gen = torch.Generator().manual_seed(params.seed + 1)
     pool_gen = torch.Generator().manual_seed(params.seed + 2)
@@ -270,15 +295,28 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
     train_model: torch.nn.Module = model
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
         train_model = ddp
     if params.compile:
         train_model = torch.compile(train_model)
 
     # Early stopping watches the validation loss of the objective being trained for.
     monitor = "gen_loss" if objective == "generative" else "cls_loss"
-    st = {"epoch": 1, "batch": 0, "step": 0, "run_loss": 0.0, "seen": 0, "history": [], "best": math.inf,
-          "best_epoch": 0, "best_state": None, "bad_epochs": 0, "stopped": False, "epoch_order_rng": None}
+    st = {
+        "epoch": 1,
+        "batch": 0,
+        "step": 0,
+        "run_loss": 0.0,
+        "seen": 0,
+        "history": [],
+        "best": math.inf,
+        "best_epoch": 0,
+        "best_state": None,
+        "bad_epochs": 0,
+        "stopped": False,
+        "epoch_order_rng": None,
+    }
     saved = checkpointer.load() if checkpointer else None
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -297,9 +335,16 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
     def save_checkpoint() -> None:
         if checkpointer is None or not dist.is_main:
             return
-        state = {"model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "aug_rng": aug_gen.get_state(), "order_rng": order_gen.get_state(),
-                 "pool_rng": pool_gen.get_state(), **st}
+        state = {
+            "model": _cpu_state(model),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "aug_rng": aug_gen.get_state(),
+            "order_rng": order_gen.get_state(),
+            "pool_rng": pool_gen.get_state(),
+            **st,
+        }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         checkpointer.save(state)
@@ -318,10 +363,17 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
             order_gen.set_state(st["epoch_order_rng"])
         order = torch.randperm(n, generator=order_gen)
         t0, seen_at_start = time.perf_counter(), st["seen"]
-        bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"{objective} {epoch}/{params.epochs}",
-                   unit="step", disable=None if dist.is_main else True, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=st["batch"],
+            desc=f"{objective} {epoch}/{params.epochs}",
+            unit="step",
+            disable=None if dist.is_main else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for b in range(st["batch"], steps_per_epoch):
-            idx = order[b * batch:(b + 1) * batch]
+            idx = order[b * batch : (b + 1) * batch]
             xb, yb = tokens_t[idx], labels_t[idx]
             if pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
                 extra = pool[torch.randint(0, len(pool), (len(idx),), generator=pool_gen)]
@@ -334,7 +386,8 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
                 xb = shift_images(xb, params.augment_shift, aug_gen)
             # Every rank holds the whole global batch and takes its own micro-batches of it.
             micro = torch.tensor_split(torch.arange(len(xb)), parts_per_step)[
-                dist.rank * params.grad_accum:(dist.rank + 1) * params.grad_accum]
+                dist.rank * params.grad_accum : (dist.rank + 1) * params.grad_accum
+            ]
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros(2, dtype=torch.float64)
             for j, m in enumerate(micro):
@@ -345,7 +398,7 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
                     m, weight = torch.arange(1), 0.0
                 x, y = xb[m], yb[m]
                 sync = ddp is None or j == len(micro) - 1
-                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, amp_dtype):
+                with contextlib.nullcontext() if sync else ddp.no_sync(), autocast(device, amp_dtype):
                     loss, _ = batch_losses(train_model, x.to(device), y.to(device), objective, lambda_gen)
                 (loss * weight).backward()
                 if weight:
@@ -362,8 +415,10 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
             st["batch"] = b + 1
             elapsed = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{st['run_loss'] / max(1, st['seen']):.4f}",
-                            tok_s=f"{(st['seen'] - seen_at_start) * seq_len / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{st['run_loss'] / max(1, st['seen']):.4f}",
+                tok_s=f"{(st['seen'] - seen_at_start) * seq_len / max(elapsed, 1e-9):.0f}",
+            )
             if checkpointer and checkpointer.every and st["step"] % checkpointer.every == 0:
                 save_checkpoint()
         bar.close()
@@ -378,32 +433,49 @@ def fit(model: TGM, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
                 row.update(val_accuracy=val_metrics["accuracy"], val_cls_loss=val_metrics["cls_loss"])
         st["history"].append(row)
         if dist.is_main and (val is not None or epoch == params.epochs):
-            shown = (f"acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else
-                     f"val bpp {row['val_bpp']:.4f}" if "val_bpp" in row else "")
-            log.info("%s epoch %d/%d  train %.4f  %s  %.0f tok/s  eta %.0fs", objective, epoch, params.epochs,
-                     row["train_loss"], shown, tokens_per_s, epoch_time * (params.epochs - epoch))
+            shown = (
+                f"acc {row['val_accuracy']:.4f}"
+                if "val_accuracy" in row
+                else f"val bpp {row['val_bpp']:.4f}"
+                if "val_bpp" in row
+                else ""
+            )
+            log.info(
+                "%s epoch %d/%d  train %.4f  %s  %.0f tok/s  eta %.0fs",
+                objective,
+                epoch,
+                params.epochs,
+                row["train_loss"],
+                shown,
+                tokens_per_s,
+                epoch_time * (params.epochs - epoch),
+            )
         if val is not None:
             if not math.isfinite(val_metrics[monitor]):
-                raise FloatingPointError(f"{objective}: validation loss became {val_metrics[monitor]} in epoch "
-                                         f"{epoch}; training diverged, lower the learning rate")
+                raise FloatingPointError(
+                    f"{objective}: validation loss became {val_metrics[monitor]} in epoch "
+                    f"{epoch}; training diverged, lower the learning rate"
+                )
             if val_metrics[monitor] < st["best"] - 1e-6:
                 st.update(best=val_metrics[monitor], best_epoch=epoch, bad_epochs=0, best_state=_cpu_state(model))
             else:
                 st["bad_epochs"] += 1
                 if st["bad_epochs"] >= params.patience:
-                    log.info("%s: no validation improvement for %d epochs, stopping early", objective,
-                             st["bad_epochs"])
+                    log.info("%s: no validation improvement for %d epochs, stopping early", objective, st["bad_epochs"])
                     st["stopped"] = True
         elif not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(f"{objective}: training loss became {row['train_loss']} in epoch {epoch}; "
-                                     "training diverged, lower the learning rate")
+            raise FloatingPointError(
+                f"{objective}: training loss became {row['train_loss']} in epoch {epoch}; "
+                "training diverged, lower the learning rate"
+            )
         st.update(epoch=epoch + 1, batch=0, run_loss=0.0, seen=0)
         save_checkpoint()
     if restore_best and st["best_state"] is not None:
         model.load_state_dict(st["best_state"])
     if speeds:
-        log.info("%s: %.1fs, %.0f tokens/s on average", objective, time.perf_counter() - start,
-                 sum(speeds) / len(speeds))
+        log.info(
+            "%s: %.1fs, %.0f tokens/s on average", objective, time.perf_counter() - start, sum(speeds) / len(speeds)
+        )
     return st["history"], st["best_epoch"]
 
 
@@ -419,14 +491,23 @@ def _prepared(prepared_dir: str | Path):
     from tgm.preprocess import PreprocessSpec
 
     classes = check_prepared(prepared_dir)["classes"]
-    return (classes, PreprocessSpec.load(prepared_dir), load_split(prepared_dir, "train"),
-            load_split(prepared_dir, "val"))
+    return (
+        classes,
+        PreprocessSpec.load(prepared_dir),
+        load_split(prepared_dir, "train"),
+        load_split(prepared_dir, "val"),
+    )
 
 
-def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str | Path = "data/prepared",
-             out_dir: str | Path = "models/pretrained", metrics_path: str | Path = "metrics/pretrain.json",
-             curve_path: str | Path = "plots/pretrain_curve.csv",
-             checkpoint_dir: str | Path = "checkpoints/pretrain") -> dict | None:
+def pretrain(
+    model_params: ModelParams,
+    params: TrainParams,
+    prepared_dir: str | Path = "data/prepared",
+    out_dir: str | Path = "models/pretrained",
+    metrics_path: str | Path = "metrics/pretrain.json",
+    curve_path: str | Path = "plots/pretrain_curve.csv",
+    checkpoint_dir: str | Path = "checkpoints/pretrain",
+) -> dict | None:
     """Returns the metrics on rank 0 (None on the other torchrun ranks, which write nothing)."""
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
@@ -434,10 +515,19 @@ def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str |
     cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **asdict(model_params))
     model = TGM(cfg).to(device)
     if dist.is_main:
-        log.info("pretrain: %.2fM parameters, %d training images of %d pixels, device %s x %d process(es)",
-                 model.num_params() / 1e6, len(train[0]), spec.seq_len, device, dist.world)
-    ckpt = Checkpointer(checkpoint_dir, Checkpointer.fingerprint_of(
-        "generative", asdict(params), asdict(cfg), train[0]), params.checkpoint_every)
+        log.info(
+            "pretrain: %.2fM parameters, %d training images of %d pixels, device %s x %d process(es)",
+            model.num_params() / 1e6,
+            len(train[0]),
+            spec.seq_len,
+            device,
+            dist.world,
+        )
+    ckpt = Checkpointer(
+        checkpoint_dir,
+        Checkpointer.fingerprint_of("generative", asdict(params), asdict(cfg), train[0]),
+        params.checkpoint_every,
+    )
     history, best_epoch = fit(model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist)
     metrics = None
     if dist.is_main:
@@ -446,8 +536,12 @@ def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str |
             save_model(model, tmp)
             spec.save(tmp)
         # Timings stay out of the metrics: metrics must repeat exactly for the same params on the same machine.
-        metrics = {"val_bpp": round(best["val_bpp"], 6), "best_epoch": best_epoch, "epochs_run": len(history),
-                   "parameters": model.num_params()}
+        metrics = {
+            "val_bpp": round(best["val_bpp"], 6),
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "parameters": model.num_params(),
+        }
         write_curve(curve_path, history)
         write_json(metrics_path, metrics)
         ckpt.clear()
@@ -455,31 +549,52 @@ def pretrain(model_params: ModelParams, params: TrainParams, prepared_dir: str |
     return metrics
 
 
-def finetune(params: FinetuneParams, prepared_dir: str | Path = "data/prepared",
-             pretrained_dir: str | Path = "models/pretrained", out_dir: str | Path = "models/classifier",
-             metrics_path: str | Path = "metrics/finetune.json",
-             curve_path: str | Path = "plots/finetune_curve.csv",
-             checkpoint_dir: str | Path = "checkpoints/finetune") -> dict | None:
+def finetune(
+    params: FinetuneParams,
+    prepared_dir: str | Path = "data/prepared",
+    pretrained_dir: str | Path = "models/pretrained",
+    out_dir: str | Path = "models/classifier",
+    metrics_path: str | Path = "metrics/finetune.json",
+    curve_path: str | Path = "plots/finetune_curve.csv",
+    checkpoint_dir: str | Path = "checkpoints/finetune",
+) -> dict | None:
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
     classes, spec, train, val = _prepared(prepared_dir)
-    model = load_model(pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False,
-                       cls_grid=params.cls_grid)
+    model = load_model(
+        pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False, cls_grid=params.cls_grid
+    )
     # The pretrained weights are part of the fingerprint: a new pretrained model must not resume old state.
     weights = np.frombuffer((Path(pretrained_dir) / "model.safetensors").read_bytes(), dtype=np.uint8)
-    ckpt = Checkpointer(checkpoint_dir, Checkpointer.fingerprint_of(
-        "classify", asdict(params), asdict(model.cfg), train[0], train[1], weights), params.checkpoint_every)
-    history, best_epoch = fit(model, train, val, params, "classify", device, lambda_gen=params.lambda_gen,
-                              checkpointer=ckpt, dist=dist)
+    ckpt = Checkpointer(
+        checkpoint_dir,
+        Checkpointer.fingerprint_of("classify", asdict(params), asdict(model.cfg), train[0], train[1], weights),
+        params.checkpoint_every,
+    )
+    history, best_epoch = fit(
+        model, train, val, params, "classify", device, lambda_gen=params.lambda_gen, checkpointer=ckpt, dist=dist
+    )
     metrics = None
     if dist.is_main:
-        final = evaluate_split(model, *val, "classify", params.lambda_gen, params.batch_size * 2, device,
-                               resolve_precision(params.precision, device))
+        final = evaluate_split(
+            model,
+            *val,
+            "classify",
+            params.lambda_gen,
+            params.batch_size * 2,
+            device,
+            resolve_precision(params.precision, device),
+        )
         with atomic_dir(out_dir) as tmp:
             save_model(model, tmp, extra={"classes": classes})
             spec.save(tmp)
-        metrics = {"val_accuracy": round(final["accuracy"], 6), "val_loss": round(final["cls_loss"], 6),
-                   "val_bpp": round(final["bpp"], 6), "epochs_run": len(history), "best_epoch": best_epoch}
+        metrics = {
+            "val_accuracy": round(final["accuracy"], 6),
+            "val_loss": round(final["cls_loss"], 6),
+            "val_bpp": round(final["bpp"], 6),
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+        }
         write_curve(curve_path, history)
         write_json(metrics_path, metrics)
         ckpt.clear()

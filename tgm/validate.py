@@ -5,6 +5,7 @@ frames, pixel statistics, a perceptual hash), and the Great Expectations suites 
 Every input ends up in exactly one of accepted / quarantined. The stage fails only when the data as a whole
 is unusable: too large a share rejected, a class below its minimum, or fewer than two classes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ MESSAGES = {
     "unknown_label": "label is not one of the classes",
     "system_file": "hidden or operating-system file (name starts with '.', Thumbs.db, desktop.ini)",
     "not_a_regular_file": "a symbolic link or special file; links are not followed, so nothing outside the folder "
-                          "is read",
+    "is read",
     "format_not_allowed": "image format is not in validate.allowed_formats",
     "mode_not_supported": "pixel mode has no conversion rule to grey or RGB",
     "too_small": "image is smaller than validate.min_side on its shortest side",
@@ -64,10 +65,20 @@ def inspect_file(path: Path, max_pixels: int) -> dict:
     frames, fmt = img.info.get("n_frames", 1), img.format or ""
     img = ImageOps.exif_transpose(img)  # sizes as the picture is meant to be seen
     grey = np.asarray(to_color_mode(img, "grey"))
-    return {"decodable": True, "decode_error": None, "decode_message": None, "format": fmt,
-            "width": img.width, "height": img.height, "mode": img.mode, "channels": len(img.getbands()),
-            "n_frames": frames, "pixel_mean": round(float(grey.mean()), 3), "pixel_std": round(float(grey.std()), 3),
-            "ahash": average_hash(grey)}
+    return {
+        "decodable": True,
+        "decode_error": None,
+        "decode_message": None,
+        "format": fmt,
+        "width": img.width,
+        "height": img.height,
+        "mode": img.mode,
+        "channels": len(img.getbands()),
+        "n_frames": frames,
+        "pixel_mean": round(float(grey.mean()), 3),
+        "pixel_std": round(float(grey.std()), 3),
+        "ahash": average_hash(grey),
+    }
 
 
 def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidateParams) -> pd.DataFrame:
@@ -76,8 +87,9 @@ def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidatePara
     df = manifest.drop(columns=["format", "width", "height", "mode"]).join(info)
     df["label"] = df["label"].replace("", None)
     name = df["path"].str.rsplit("/", n=1).str[-1]
-    df["is_hidden"] = name.str.startswith(".") | name.str.lower().isin(SYSTEM_FILES) | \
-        df["path"].str.contains("/.", regex=False)
+    df["is_hidden"] = (
+        name.str.startswith(".") | name.str.lower().isin(SYSTEM_FILES) | df["path"].str.contains("/.", regex=False)
+    )
     df["min_side"] = df[["width", "height"]].min(axis=1)
     df["aspect"] = df[["width", "height"]].max(axis=1) / df["min_side"].where(df["min_side"] > 0)
     # Conflicts and duplicates are judged among decodable, labelled, ordinary files only.
@@ -91,9 +103,13 @@ def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidatePara
     return df
 
 
-def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: str | Path = "data/validated",
-             report_path: str | Path = "reports/validation.json",
-             docs_dir: str | Path | None = "reports/validation_docs") -> dict:
+def validate(
+    params: ValidateParams,
+    raw_dir: str | Path = "data/raw",
+    out_dir: str | Path = "data/validated",
+    report_path: str | Path = "reports/validation.json",
+    docs_dir: str | Path | None = "reports/validation_docs",
+) -> dict:
     from tgm.expectations import Suites
 
     t0 = time.perf_counter()
@@ -123,10 +139,15 @@ def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: 
     reasons = df["path"].map(by_path)
     accepted = df[reasons.isna()].reset_index(drop=True)
     quarantined = df[reasons.notna()]
-    quarantine = pd.DataFrame({
-        "path": quarantined["path"], "label": quarantined["label"].fillna(""), "sha256": quarantined["sha256"],
-        "reason": reasons[reasons.notna()],
-        "message": [_message(reasons[i], df.loc[i], params) for i in quarantined.index]}).reset_index(drop=True)
+    quarantine = pd.DataFrame(
+        {
+            "path": quarantined["path"],
+            "label": quarantined["label"].fillna(""),
+            "sha256": quarantined["sha256"],
+            "reason": reasons[reasons.notna()],
+            "message": [_message(reasons[i], df.loc[i], params) for i in quarantined.index],
+        }
+    ).reset_index(drop=True)
     assert len(accepted) + len(quarantine) == len(manifest)  # every input accounted for
 
     # The class-level suite judges what will actually be trained on.
@@ -153,18 +174,24 @@ def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: 
         problems.append("the source contains no files")
     if summary["reject_fraction"] > params.max_reject_fraction:
         worst = ", ".join(f"{r}: {n}" for r, n in counts.most_common(3))
-        problems.append(f"{summary['rejected']} of {summary['inputs']} files rejected "
-                        f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction="
-                        f"{params.max_reject_fraction:.1%}); most common reasons: {worst}")
+        problems.append(
+            f"{summary['rejected']} of {summary['inputs']} files rejected "
+            f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction="
+            f"{params.max_reject_fraction:.1%}); most common reasons: {worst}"
+        )
     small = {k: int(v) for k, v in per_class.items() if v < params.min_images_per_class}
     if small:
-        problems.append(f"classes below validate.min_images_per_class={params.min_images_per_class}: "
-                        + ", ".join(f"{k} ({v})" for k, v in small.items()))
+        problems.append(
+            f"classes below validate.min_images_per_class={params.min_images_per_class}: "
+            + ", ".join(f"{k} ({v})" for k, v in small.items())
+        )
     if len(classes) == 1:
         problems.append(f"only one class ({classes[0]!r}) was found; a classifier needs at least two class folders")
     if len(classes) >= 2 and per_class.min() > 0 and per_class.max() / per_class.min() > params.max_class_imbalance:
-        warnings.append(f"classes are imbalanced: {per_class.idxmax()} has {per_class.max()} images, "
-                        f"{per_class.idxmin()} {per_class.min()} (> validate.max_class_imbalance)")
+        warnings.append(
+            f"classes are imbalanced: {per_class.idxmax()} has {per_class.max()} images, "
+            f"{per_class.idxmin()} {per_class.min()} (> validate.max_class_imbalance)"
+        )
     if source.get("empty_class_folders"):
         warnings.append("empty class folders ignored: " + ", ".join(source["empty_class_folders"]))
     summary["passed"] = not problems
@@ -175,20 +202,36 @@ def validate(params: ValidateParams, raw_dir: str | Path = "data/raw", out_dir: 
     df.assign(verdict=reasons.fillna("accepted")).to_csv(out_dir / "inspected.csv", index=False)
     accepted.to_csv(out_dir / "manifest.csv", index=False)
     quarantine.to_csv(out_dir / "quarantine.csv", index=False)
-    write_json(out_dir / "details.json", {
-        "expectations": row_summaries + class_summaries,
-        "flagged_near_constant": sorted(set(flags.get("near_constant", [])) & set(accepted["path"])),
-        "animated_first_frame_used": animated, "near_duplicate_groups": near_dups,
-        "empty_class_folders": source.get("empty_class_folders", []), "data_docs": suites.docs_index})
+    write_json(
+        out_dir / "details.json",
+        {
+            "expectations": row_summaries + class_summaries,
+            "flagged_near_constant": sorted(set(flags.get("near_constant", [])) & set(accepted["path"])),
+            "animated_first_frame_used": animated,
+            "near_duplicate_groups": near_dups,
+            "empty_class_folders": source.get("empty_class_folders", []),
+            "data_docs": suites.docs_index,
+        },
+    )
     write_json(report_path, summary)
     elapsed = time.perf_counter() - t0
-    log.info("validate: %d files in %.1fs (%.0f files/s): %d accepted, %d quarantined %s", len(manifest), elapsed,
-             len(manifest) / max(elapsed, 1e-9), len(accepted), len(quarantine), dict(counts))
+    log.info(
+        "validate: %d files in %.1fs (%.0f files/s): %d accepted, %d quarantined %s",
+        len(manifest),
+        elapsed,
+        len(manifest) / max(elapsed, 1e-9),
+        len(accepted),
+        len(quarantine),
+        dict(counts),
+    )
     for w in warnings:
         log.warning("validate: %s", w)
     if problems:
-        raise DataUnusableError("validation failed:\n  " + "\n  ".join(problems)
-                                + f"\nSee {out_dir / 'quarantine.csv'} for each rejected file.")
+        raise DataUnusableError(
+            "validation failed:\n  "
+            + "\n  ".join(problems)
+            + f"\nSee {out_dir / 'quarantine.csv'} for each rejected file."
+        )
     schemas.check(schemas.AcceptedManifest, accepted.fillna({"label": ""}), "accepted manifest")
     return summary
 
@@ -206,8 +249,10 @@ def _message(reason: str, row: pd.Series, params: ValidateParams) -> str:
     if reason == "too_small":
         return f"image is {row['width']:.0f}x{row['height']:.0f}, below validate.min_side={params.min_side}"
     if reason == "bad_aspect_ratio":
-        return (f"image is {row['width']:.0f}x{row['height']:.0f} (aspect {row['aspect']:.1f} > "
-                f"validate.max_aspect={params.max_aspect})")
+        return (
+            f"image is {row['width']:.0f}x{row['height']:.0f} (aspect {row['aspect']:.1f} > "
+            f"validate.max_aspect={params.max_aspect})"
+        )
     if reason == "duplicate":
         return f"{MESSAGES['duplicate']}: {row['duplicate_of']}"
     if reason == "format_not_allowed":
