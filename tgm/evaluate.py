@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tgm.errors import EmptySplit
 from tgm.inference import predict_proba
 from tgm.io import read_json, write_json
 from tgm.model import TGM, load_model
@@ -105,7 +106,7 @@ def evaluate(
     spec = PreprocessSpec.load(prepared_dir)
     tokens, labels = load_split(prepared_dir, "test")
     if len(tokens) == 0:
-        raise ValueError("evaluate: the test split is empty; raise prepare.test_fraction or add images")
+        raise EmptySplit("evaluate: the test split is empty; raise prepare.test_fraction or add images")
     classifier = load_model(classifier_dir)
     pretrained = load_model(pretrained_dir)
 

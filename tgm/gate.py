@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from tgm.errors import UserError
 from tgm.io import read_json, write_json
 from tgm.params import GateParams
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 COMPARED = ("accuracy", "macro_f1")
 
 
-class GateFailed(RuntimeError):
+class GateFailed(UserError):
     """At least one gate check failed; the message names each one with its value."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from tgm.errors import SourceMissing
 from tgm.io import atomic_dir, sha256_file, write_json
 from tgm.params import IngestParams
 
@@ -61,7 +62,7 @@ def folder_images(root: Path) -> tuple[list[SourceImage], list[str]]:
     Links are listed but never followed, so nothing outside the folder is read.
     """
     if not root.is_dir():
-        raise FileNotFoundError(f"ingest.source: folder {root} does not exist or is not a directory")
+        raise SourceMissing(f"ingest.source: folder {root} does not exist or is not a directory")
     images = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from tgm.errors import UserError
+
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 _REFUSAL = re.compile(r"^tgm [\w-]+: error: (.*)$")
@@ -136,7 +138,7 @@ def workspace_lock(workdir: str | Path, wait_s: float = 0.0, poll_s: float = 1.0
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-class BadOverride(ValueError):
+class BadOverride(UserError, ValueError):
     """A `key=value` parameter override that is malformed or that params.yaml's checks refuse."""
 
 
@@ -179,7 +181,7 @@ def overridden_params(workdir: str | Path, overrides: dict[str, object]):
             raise BadOverride(f"override {key}: params.yaml's {group} is not a group of parameters")
         raw.setdefault(group, {})[name] = value
     try:
-        parse_params(raw).check()
+        parse_params(raw)
     except ParamsError as exc:
         raise BadOverride(f"override refused: {exc}") from None
     try:

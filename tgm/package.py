@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from tgm.errors import UserError
 from tgm.io import read_json, write_json
 from tgm.params import Params
 
@@ -57,11 +57,11 @@ def package(
 
     report = read_json(gate_report)
     if not report.get("passed"):
-        raise RuntimeError(f"package: {gate_report} says the gate failed; refusing to package")
+        raise UserError(f"package: {gate_report} says the gate failed; refusing to package")
     config = read_json(Path(classifier_dir) / "config.json")
     metadata = {
         "metrics": read_json("metrics/evaluate.json"),
-        "params": _without_nulls(asdict(params)),
+        "params": _without_nulls(params.model_dump()),
         "git_commit": git_commit(),
         "data_hash": prepared_data_hash(),
         "classes": config["classes"],

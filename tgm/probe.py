@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tgm.errors import EmptySplit
 from tgm.io import write_json
 from tgm.model import TGM, grid_pool, load_model
 from tgm.params import ProbeParams
@@ -69,7 +70,7 @@ def probe(
     model = load_model(pretrained_dir)
     splits = {s: load_split(prepared_dir, s) for s in ("train", "val", "test")}
     if min(len(t) for t, _ in splits.values()) == 0:
-        raise ValueError("probe: a split is empty; the probe needs train, val and test images")
+        raise EmptySplit("probe: a split is empty; the probe needs train, val and test images")
     features = {s: pooled_features(model, t) for s, (t, _) in splits.items()}
     rows = probe_accuracies(features, {s: y for s, (_, y) in splits.items()}, params)
     # Ties go to the shallower layer: the cheaper feature extractor.

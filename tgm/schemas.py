@@ -6,8 +6,10 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
+from tgm.errors import UserError
 
-class DataContractError(ValueError):
+
+class DataContractError(UserError, ValueError):
     """A table handed between stages breaks its contract."""
 
 

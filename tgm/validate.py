@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import ImageOps
 
 from tgm import schemas
+from tgm.errors import UserError
 from tgm.images import InvalidImage, open_image
 from tgm.io import read_json, write_json
 from tgm.params import ValidateParams
@@ -44,7 +45,7 @@ MESSAGES = {
 }
 
 
-class DataUnusableError(RuntimeError):
+class DataUnusableError(UserError):
     """The data as a whole cannot be trained on; the message says why."""
 
 
