@@ -1,12 +1,35 @@
-"""What the benchmarks share: the FLOP count of a training step and the device's measured matmul peak."""
+"""What the benchmarks share: the training step they time, the FLOP count of a step and the device's measured
+matmul peak."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from tgm.model import TGMConfig
+from tgm.params import load_params, replace
+from tgm.train import autocast, batch_losses, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def optimizer(model: torch.nn.Module, **changes) -> torch.optim.Optimizer:
+    """The pipeline's optimizer for `model`, configured from params.yaml's pretrain group with `changes`."""
+    return make_optimizer(model, replace(load_params(ROOT / "params.yaml").pretrain, name="pretrain", **changes))
+
+
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, device: torch.device, amp: torch.dtype | None
+) -> None:
+    """One next-pixel training step as tgm.train.fit takes it: autocast forward, backward, clipping, update."""
+    with autocast(device, amp):
+        loss, _ = batch_losses(model, x, None, "generative", 0.0)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def train_flops_per_token(cfg: TGMConfig) -> float:

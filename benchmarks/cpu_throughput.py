@@ -40,10 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
-from benchmarks.common import matmul_peak, matmul_train_flops_per_token, train_flops_per_token  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    matmul_peak,
+    matmul_train_flops_per_token,
+    optimizer,
+    train_flops_per_token,
+    train_step,
+)
 from tgm.model import TGM, TGMConfig  # noqa: E402
-from tgm.params import TrainParams  # noqa: E402
-from tgm.train import autocast, batch_losses, make_optimizer  # noqa: E402
 
 CPU = torch.device("cpu")
 AMP = {"fp32": None, "bf16": torch.bfloat16}
@@ -89,23 +93,14 @@ def sdpa_supported(cfg: ImageGPTConfig) -> bool:
         return False
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, amp: torch.dtype | None) -> None:
-    with autocast(CPU, amp):
-        loss, _ = batch_losses(model, x, None, "generative", 0.0)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def warmed_up(build, cfg: TGMConfig, args, amp: torch.dtype | None):
     """(model, optimizer, batch) after `args.warmup` untimed steps; seeded, so every caller gets the same."""
     torch.manual_seed(0)
     model = build().train()
-    opt = make_optimizer(model, TrainParams())
+    opt = optimizer(model)
     x = torch.randint(0, cfg.palette_size, (args.batch, cfg.seq_len), generator=torch.Generator().manual_seed(0))
     for _ in range(args.warmup):
-        train_step(model, opt, x, amp)
+        train_step(model, opt, x, CPU, amp)
     return model, opt, x
 
 
@@ -144,7 +139,7 @@ def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
             with context():
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    train_step(model, opt, x, amp)
+                    train_step(model, opt, x, CPU, amp)
                 seconds[name].append(time.perf_counter() - t0)
         if time.perf_counter() > deadline:
             break
@@ -159,7 +154,7 @@ def breakdown(cfg: TGMConfig, args, amp: torch.dtype | None, hf_tokens_per_s: fl
     model, opt, x = warmed_up(lambda: TGM(cfg), cfg, args, amp)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
-            train_step(model, opt, x, amp)
+            train_step(model, opt, x, CPU, amp)
     kinds = {
         "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
         "attention (SDPA)": ("aten::_scaled_dot_product",),

@@ -24,25 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import matmul_peak, sync, train_flops_per_token  # noqa: E402
+from benchmarks.common import matmul_peak, optimizer, sync, train_flops_per_token, train_step  # noqa: E402
 from tgm.model import TGM, TGMConfig  # noqa: E402
-from tgm.params import TrainParams  # noqa: E402
-from tgm.train import autocast, batch_losses, make_optimizer  # noqa: E402
+from tgm.params import load_params, replace  # noqa: E402
 
 
 def time_steps(model: torch.nn.Module, raw: TGM, batch: int, seconds: float, device: torch.device) -> float:
     """Tokens per second of full training steps, timed after warm-up for about `seconds`."""
-    opt = make_optimizer(raw, TrainParams(lr=3e-4))
+    opt = optimizer(raw, lr=3e-4)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
         x = torch.randint(0, raw.cfg.palette_size, (batch, raw.cfg.seq_len), device=device, generator=gen)
-        with autocast(device, torch.bfloat16):
-            loss, _ = batch_losses(model, x, None, "generative", 0.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, x, device, torch.bfloat16)
 
     for _ in range(5):  # compile, autotune, allocator warm-up
         step()
@@ -71,7 +65,16 @@ def fit_check(prepared: Path, cfg_args: dict, device: torch.device, compile_mode
     palette = int(max(train[0].max(), val[0].max())) + 1
     torch.manual_seed(0)
     model = TGM(TGMConfig(palette_size=palette, seq_len=train[0].shape[1], **cfg_args)).to(device)
-    params = TrainParams(epochs=1, batch_size=64, lr=1e-3, precision="bf16", compile=compile_model, checkpoint_every=20)
+    params = replace(
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml").pretrain,
+        name="pretrain",
+        epochs=1,
+        batch_size=64,
+        lr=1e-3,
+        precision="bf16",
+        compile=compile_model,
+        checkpoint_every=20,
+    )
     with tempfile.TemporaryDirectory() as ckpt_dir:
         t0 = time.perf_counter()
         history, _ = fit(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ def main() -> None:
     else:
         p = load_params()
         size = p.prepare.image_size
-        model = TGM(TGMConfig(palette_size=p.prepare.palette_size, seq_len=size * size, **asdict(p.model)))
+        model = TGM(TGMConfig(palette_size=p.prepare.palette_size, seq_len=size * size, **p.model.model_dump()))
         source = "random init (params.yaml shape)"
     model.eval()
     prefix = torch.randint(0, model.cfg.palette_size, (args.batch, model.cfg.seq_len // 2))

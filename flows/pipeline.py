@@ -34,6 +34,7 @@ from tgm.orchestrate import (
     workspace_lock,
 )
 from tgm.orchestrate import push as dvc_push
+from tgm.params import ParamsOverride, override_pairs
 
 # A crashed or killed pretrain/finetune resumes from its last checkpoint, so a retry loses little.
 RETRIES = {"pretrain": 2, "finetune": 2}
@@ -85,6 +86,7 @@ def experiment_name() -> str:
 def pipeline(
     workdir: str = ".",
     source: str | None = None,
+    params: ParamsOverride | None = None,
     overrides: list[str] | None = None,
     push: bool = False,
     remote: str | None = None,
@@ -97,6 +99,8 @@ def pipeline(
     Args:
         workdir: the DVC project (a git repository, for experiments).
         source: data source for this run, e.g. `folder:data/sources/pets` (sets ingest.source).
+        params: params for this run only, as a form in the Prefect UI: each group of params.yaml, blank keys keep
+            the file's value. Applied like `overrides`.
         overrides: `group.key=value` params for this run only, as `dvc exp run -S` takes them; params.yaml is
             put back afterwards (the experiment keeps them).
         push: `dvc push` the outputs when the run succeeds, to `remote` or the default remote.
@@ -106,7 +110,10 @@ def pipeline(
     """
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
-    sets = parse_overrides(list(overrides or []) + ([f"ingest.source={source}"] if source else []))
+    sets = {
+        **override_pairs(params),
+        **parse_overrides(list(overrides or []) + ([f"ingest.source={source}"] if source else [])),
+    }
     results: list[dict] = []
     failure: StageFailed | None = None
     exp_name = None

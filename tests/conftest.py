@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tgm.params import load_params, replace
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -25,6 +27,15 @@ for key, value in {
     os.environ.setdefault(key, value)
 # Stage commands (`tgm ...`) and `dvc` must come from the interpreter running the tests.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# params.yaml is the one source of defaults; tests change what they need through `params_of`.
+DEFAULTS = load_params(ROOT / "params.yaml")
+
+
+def params_of(group: str, **changes):
+    """params.yaml's group `group` with `changes`, checked like the file."""
+    return replace(getattr(DEFAULTS, group), name=group, **changes)
+
 
 # Small enough to run the whole pipeline in well under a minute on 2 CPU cores.
 TINY_PARAMS = {

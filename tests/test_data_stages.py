@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import params_of
 from PIL import Image
 
 from tgm.ingest import ingest
-from tgm.params import IngestParams, PrepareParams, ValidateParams
 from tgm.prepare import load_split, prepare
 from tgm.preprocess import PreprocessSpec, image_to_tokens
 from tgm.schemas import DataContractError, SplitTable, check
@@ -35,18 +35,22 @@ def make_folder(root, classes=("cat", "dog"), per_class=8, size=12, rgb=False):
 def run_stages(
     tmp_path,
     source,
-    validate_params=ValidateParams(min_images_per_class=2),
-    prepare_params=PrepareParams(image_size=6, palette_size=8, val_fraction=0.2, test_fraction=0.25),
+    validate_params=None,
+    prepare_params=None,
 ):
+    validate_params = validate_params or params_of("validate", min_images_per_class=2)
+    prepare_params = prepare_params or params_of(
+        "prepare", image_size=6, palette_size=8, val_fraction=0.2, test_fraction=0.25
+    )
     raw, validated, prepared = tmp_path / "raw", tmp_path / "validated", tmp_path / "prepared"
-    ingest(IngestParams(source=source), raw)
+    ingest(params_of("ingest", source=source), raw)
     summary = validate(validate_params, raw, validated, tmp_path / "validation.json", tmp_path / "docs")
     meta = prepare(prepare_params, validated, raw, prepared)
     return raw, validated, prepared, summary, meta
 
 
 def test_builtin_digits_are_ingested_as_real_labelled_images(tmp_path):
-    manifest = ingest(IngestParams(source="builtin:digits"), tmp_path / "raw")
+    manifest = ingest(params_of("ingest", source="builtin:digits"), tmp_path / "raw")
     assert len(manifest) == 1797
     assert sorted(manifest["label"].unique()) == [str(i) for i in range(10)]
     with Image.open(tmp_path / "raw" / manifest["path"][0]) as im:
@@ -113,24 +117,28 @@ def test_split_table_contract_refuses_a_leak():
 
 def test_a_single_class_is_a_clear_error(tmp_path):
     src = make_folder(tmp_path / "src", classes=("only",))
-    ingest(IngestParams(source=f"folder:{src}"), tmp_path / "raw")
+    ingest(params_of("ingest", source=f"folder:{src}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError, match="only one class"):
-        validate(ValidateParams(min_images_per_class=2), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None)
+        validate(
+            params_of("validate", min_images_per_class=2), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None
+        )
 
 
 def test_mostly_broken_folder_fails_with_the_worst_reasons(tmp_path):
     src = make_folder(tmp_path / "src", per_class=2)
     for i in range(10):
         (src / "cat" / f"junk{i}.png").write_text("junk")
-    ingest(IngestParams(source=f"folder:{src}"), tmp_path / "raw")
+    ingest(params_of("ingest", source=f"folder:{src}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError, match=r"not_an_image: 10"):
-        validate(ValidateParams(min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None)
+        validate(
+            params_of("validate", min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None
+        )
     assert (tmp_path / "r.json").exists()  # the report is written even when the stage fails
 
 
 def test_missing_folder_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ingest(IngestParams(source=f"folder:{tmp_path}/nowhere"), tmp_path / "raw")
+        ingest(params_of("ingest", source=f"folder:{tmp_path}/nowhere"), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()  # nothing half-written
 
 
@@ -157,5 +165,5 @@ def test_prepare_refuses_an_accepted_manifest_holding_a_picture_twice(tmp_path):
         validated / "manifest.csv", index=False
     )
     with pytest.raises(DataContractError, match="sha256"):
-        prepare(PrepareParams(image_size=6, palette_size=8), validated, raw, tmp_path / "again")
+        prepare(params_of("prepare", image_size=6, palette_size=8), validated, raw, tmp_path / "again")
     assert not (tmp_path / "again").exists()

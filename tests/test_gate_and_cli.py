@@ -6,10 +6,21 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+from conftest import ROOT, merge, params_of
 
 from tgm.cli import STAGES
 from tgm.gate import GateFailed, gate
-from tgm.params import GateParams
+
+
+def write_params(directory, changes: dict) -> None:
+    """The project's params.yaml (every key is required) with `changes`, in `directory`."""
+    project = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (directory / "params.yaml").write_text(yaml.safe_dump(merge(project, changes)))
+
+
+def tgm(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tgm", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def write_metrics(tmp_path, accuracy, macro_f1):
@@ -19,13 +30,23 @@ def write_metrics(tmp_path, accuracy, macro_f1):
 
 
 def test_gate_passes_a_good_model_and_writes_its_report(tmp_path):
-    report = gate(GateParams(0.9, 0.9), write_metrics(tmp_path, 0.95, 0.94), tmp_path / "gate.json", champion=None)
+    report = gate(
+        params_of("gate", min_accuracy=0.9, min_macro_f1=0.9),
+        write_metrics(tmp_path, 0.95, 0.94),
+        tmp_path / "gate.json",
+        champion=None,
+    )
     assert report["passed"] and json.loads((tmp_path / "gate.json").read_text())["passed"]
 
 
 def test_gate_names_each_failed_check_with_its_value(tmp_path):
     with pytest.raises(GateFailed) as err:
-        gate(GateParams(0.9, 0.9), write_metrics(tmp_path, 0.85, 0.95), tmp_path / "gate.json", champion=None)
+        gate(
+            params_of("gate", min_accuracy=0.9, min_macro_f1=0.9),
+            write_metrics(tmp_path, 0.85, 0.95),
+            tmp_path / "gate.json",
+            champion=None,
+        )
     assert "accuracy = 0.8500" in str(err.value) and "gate.min_accuracy" in str(err.value)
     assert "macro_f1" not in str(err.value)
     report = json.loads((tmp_path / "gate.json").read_text())
@@ -36,25 +57,43 @@ def test_gate_names_each_failed_check_with_its_value(tmp_path):
 def test_gate_command_exits_non_zero_when_a_check_fails(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "macro_f1": 0.5}))
-    (tmp_path / "params.yaml").write_text("gate: {min_accuracy: 0.9, min_macro_f1: 0.9}\n")
+    write_params(tmp_path, {"gate": {"min_accuracy": 0.9, "min_macro_f1": 0.9}})
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}  # an empty store: no champion
-    proc = subprocess.run([sys.executable, "-m", "tgm", "gate"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    proc = tgm("gate", cwd=tmp_path, env=env)
     assert proc.returncode == 1
     assert "accuracy = 0.5000 (needs >= 0.9000, gate.min_accuracy)" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert (tmp_path / "reports" / "gate.json").exists()
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_stage_has_help(stage):
-    proc = subprocess.run([sys.executable, "-m", "tgm", stage, "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "--params" in proc.stdout and len(proc.stdout) > 200
+    proc = tgm(stage, "--help")
+    summary, description = STAGES[stage]
+    assert proc.returncode == 0 and "--params" in proc.stdout
+    assert " ".join(description.split()) in " ".join(proc.stdout.split())
+
+
+def test_top_level_help_shows_each_summary_whole_and_version_works():
+    listing = "".join(tgm("--help").stdout.split())  # argparse wraps lines, at hyphens too
+    for summary, _ in STAGES.values():
+        assert "".join(summary.split()) in listing
+    version = tgm("--version")
+    assert version.returncode == 0 and version.stdout.startswith("tgm ") and version.stdout.split()[1][0].isdigit()
+
+
+def test_a_user_mistake_is_one_line_on_stderr_without_a_traceback(tmp_path):
+    write_params(tmp_path, {"ingest": {"source": f"folder:{tmp_path}/nowhere"}})
+    proc = tgm("ingest", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("tgm ingest: error: ingest.source: folder")
 
 
 def test_a_bad_parameter_stops_the_stage_with_its_key(tmp_path):
-    (tmp_path / "params.yaml").write_text("prepare: {image_size: big}\n")
-    proc = subprocess.run([sys.executable, "-m", "tgm", "prepare"], cwd=tmp_path, capture_output=True, text=True)
+    write_params(tmp_path, {"prepare": {"image_size": "big"}})
+    proc = tgm("prepare", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "prepare.image_size: expected an integer, got 'big'" in proc.stderr
+    assert "prepare.image_size: Input should be a valid integer (got 'big')" in proc.stderr
 
 
 def champion(accuracy, macro_f1):
@@ -64,7 +103,7 @@ def champion(accuracy, macro_f1):
 
 
 def test_gate_refuses_a_model_worse_than_the_champion_by_more_than_the_tolerance(tmp_path):
-    params = GateParams(0.5, 0.5, max_regression=0.01)
+    params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
     with pytest.raises(GateFailed) as err:
         gate(params, write_metrics(tmp_path, 0.93, 0.95), tmp_path / "gate.json", champion=champion(0.95, 0.95))
     assert "accuracy = 0.9300 (needs >= 0.9400: champion tgm-classifier:old has 0.9500, gate.max_regression)" in str(
@@ -76,14 +115,14 @@ def test_gate_refuses_a_model_worse_than_the_champion_by_more_than_the_tolerance
 
 
 def test_gate_passes_a_model_within_the_tolerance_or_better_than_the_champion(tmp_path):
-    params = GateParams(0.5, 0.5, max_regression=0.01)
+    params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
     assert gate(params, write_metrics(tmp_path, 0.945, 0.96), tmp_path / "gate.json", champion=champion(0.95, 0.95))[
         "passed"
     ]
     # No champion yet, or the comparison switched off: only the floors count.
     assert gate(params, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", champion=None)["passed"]
     assert gate(
-        GateParams(0.5, 0.5, max_regression=None),
+        params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=None),
         write_metrics(tmp_path, 0.6, 0.6),
         tmp_path / "gate.json",
         champion=champion(0.95, 0.95),

@@ -9,10 +9,10 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import params_of
 from PIL import Image
 
 from tgm.ingest import ingest
-from tgm.params import IngestParams, PrepareParams, ValidateParams
 from tgm.prepare import prepare
 from tgm.validate import DataUnusableError, validate
 
@@ -108,9 +108,9 @@ def hostile(tmp_path):
 def test_every_file_gets_its_verdict_and_nothing_is_lost(hostile, tmp_path):
     root, expected = hostile
     before = sorted((p.relative_to(root), p.is_symlink()) for p in root.rglob("*"))
-    ingest(IngestParams(source=f"folder:{root}"), tmp_path / "raw")
+    ingest(params_of("ingest", source=f"folder:{root}"), tmp_path / "raw")
     summary = validate(
-        ValidateParams(min_images_per_class=5, max_reject_fraction=0.5),
+        params_of("validate", min_images_per_class=5, max_reject_fraction=0.5),
         tmp_path / "raw",
         tmp_path / "validated",
         tmp_path / "validation.json",
@@ -139,7 +139,7 @@ def test_every_file_gets_its_verdict_and_nothing_is_lost(hostile, tmp_path):
     assert sorted((p.relative_to(root), p.is_symlink()) for p in root.rglob("*")) == before  # folder untouched
 
     meta = prepare(
-        PrepareParams(image_size=8, palette_size=8, val_fraction=0.2, test_fraction=0.3),
+        params_of("prepare", image_size=8, palette_size=8, val_fraction=0.2, test_fraction=0.3),
         tmp_path / "validated",
         tmp_path / "raw",
         tmp_path / "prepared",
@@ -157,9 +157,11 @@ def test_a_folder_of_mostly_broken_files_fails_with_a_readable_summary(tmp_path)
         (root / c / "fine.png").write_bytes(encode(digit(0 if c == "a" else 1), "PNG"))
         for i in range(5):
             (root / c / f"junk {i}.jpg").write_bytes(b"<html>not a picture</html>")
-    ingest(IngestParams(source=f"folder:{root}"), tmp_path / "raw")
+    ingest(params_of("ingest", source=f"folder:{root}"), tmp_path / "raw")
     with pytest.raises(DataUnusableError) as err:
-        validate(ValidateParams(min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None)
+        validate(
+            params_of("validate", min_images_per_class=1), tmp_path / "raw", tmp_path / "v", tmp_path / "r.json", None
+        )
     assert "10 of 12 files rejected" in str(err.value) and "not_an_image: 10" in str(err.value)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["rejected_by_reason"] == {"not_an_image": 10}

@@ -1,12 +1,12 @@
 """params.yaml is checked once, with errors that name the key; dvc.yaml declares every parameter."""
 
-import dataclasses
-
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, merge
 
-from tgm.params import Params, ParamsError, load_params, parse_params
+from tgm.params import Params, ParamsError, ParamsOverride, load_params, override_pairs, parse_params
+
+PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 # Which dvc.yaml stage reads each params group.
 STAGE_OF_GROUP = {
@@ -33,12 +33,12 @@ def test_project_params_load_and_pass_their_checks():
 def test_every_param_is_in_params_yaml_and_declared_in_its_dvc_stage():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for group in dataclasses.fields(Params):
-        declared = set(stages[STAGE_OF_GROUP[group.name]]["params"])
-        for f in dataclasses.fields(getattr(Params(), group.name)):
-            key = f"{group.name}.{f.name}"
-            assert f.name in raw[group.name], f"{key} is missing from params.yaml"
-            assert key in declared, f"{key} is not declared in dvc.yaml stage {STAGE_OF_GROUP[group.name]}"
+    for group, info in Params.model_fields.items():
+        declared = set(stages[STAGE_OF_GROUP[group]]["params"])
+        for name in info.annotation.model_fields:
+            key = f"{group}.{name}"
+            assert name in raw[group], f"{key} is missing from params.yaml"
+            assert key in declared, f"{key} is not declared in dvc.yaml stage {STAGE_OF_GROUP[group]}"
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_every_param_is_in_params_yaml_and_declared_in_its_dvc_stage():
 )
 def test_bad_value_is_refused_naming_its_key(raw, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
-        parse_params(raw).check()
+        parse_params(merge(PROJECT, raw))
 
 
 def test_missing_file_and_bad_yaml_are_clear(tmp_path):
@@ -73,4 +73,36 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 
 
 def test_ints_are_accepted_where_floats_are_expected():
-    assert parse_params({"pretrain": {"lr": 1}}).pretrain.lr == 1.0
+    value = parse_params(merge(PROJECT, {"finetune": {"lambda_gen": 1}})).finetune.lambda_gen
+    assert value == 1.0 and isinstance(value, float)
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"pretrain": {"epochs": 3.0}}, "pretrain.epochs"),  # no silent float -> int
+        ({"pretrain": {"compile": 1}}, "pretrain.compile"),  # no 1 for true
+        ({"pretrain": {"lr": "0.001"}}, "pretrain.lr"),  # no strings for numbers
+        ({"study": {"knn_k": [1, 2.5]}}, "study.knn_k.1"),
+        ({"finetune": {"grad_accum": 64}}, "finetune.grad_accum"),  # more micro-batches than the batch
+    ],
+)
+def test_types_are_strict(raw, key):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(merge(PROJECT, raw))
+
+
+def test_a_missing_key_is_refused_not_defaulted():
+    raw = merge(PROJECT, {})
+    del raw["finetune"]["lambda_gen"]
+    with pytest.raises(ParamsError, match=r"finetune\.lambda_gen: missing"):
+        parse_params(raw)
+
+
+def test_the_flow_form_sets_only_what_is_filled_in():
+    form = ParamsOverride.model_validate({"finetune": {"lr": 0.01}, "study": {"fractions": [0.1]}})
+    assert override_pairs(form) == {"finetune.lr": 0.01, "study.fractions": [0.1]}
+    assert override_pairs(ParamsOverride()) == {}
+    assert set(ParamsOverride.model_json_schema()["properties"]) == set(Params.model_fields)
+    with pytest.raises(ValueError, match="lrr"):
+        ParamsOverride.model_validate({"finetune": {"lrr": 0.01}})

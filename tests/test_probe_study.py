@@ -6,9 +6,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_PARAMS
+from conftest import TINY_PARAMS, params_of
 
-from tgm.params import FinetuneParams, StudyParams
 from tgm.study import ARMS, NEURAL, label_subset, select_and_refit, selection_split, study
 
 
@@ -82,8 +81,8 @@ STUDY = dict(
 def test_study_never_reads_a_label_outside_its_subset(digits_project, tmp_path, monkeypatch):
     """Scrambling every label the protocol must not see (train labels outside the subsets, all validation
     labels) leaves every number of the study unchanged."""
-    params = StudyParams(**STUDY)
-    finetune = FinetuneParams(**{**TINY_PARAMS["finetune"], "checkpoint_every": 0})
+    params = params_of("study", **STUDY)
+    finetune = params_of("finetune", **{**TINY_PARAMS["finetune"], "checkpoint_every": 0})
     prepared = tmp_path / "prepared"
     shutil.copytree(digits_project / "data/prepared", prepared)
     labels = np.load(prepared / "train_labels.npy")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import params_of
 
 from tgm.model import TGM, TGMConfig
-from tgm.params import TrainParams
 from tgm.train import batch_losses, fit, lr_factor, seed_everything, warp_images
 
 
@@ -33,7 +33,7 @@ def train_once(objective):
             palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2 if objective == "classify" else 0
         )
     )
-    params = TrainParams(epochs=6, batch_size=16, lr=0.01, patience=10)
+    params = params_of("pretrain", augment_shift=0, epochs=6, batch_size=16, lr=0.01, patience=10)
     history, best = fit(model, toy_data(), toy_data(32, seed=1), params, objective, torch.device("cpu"), lambda_gen=0.5)
     return model, history, best
 
@@ -60,7 +60,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch():
     seed_everything(0)
     model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
     # A learning rate this high makes validation loss worse after the first epochs.
-    params = TrainParams(epochs=30, batch_size=8, lr=0.5, patience=2, warmup_fraction=0.0)
+    params = params_of("pretrain", augment_shift=0, epochs=30, batch_size=8, lr=0.5, patience=2, warmup_fraction=0.0)
     history, best = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"))
     assert len(history) < 30
     assert history[best - 1]["val_cls_loss"] == min(r["val_cls_loss"] for r in history)
@@ -89,7 +89,7 @@ def test_semi_supervised_fit_is_repeatable_and_learns():
             model,
             toy_data(16),
             toy_data(32, seed=1),
-            TrainParams(epochs=8, batch_size=8, lr=0.01, patience=10),
+            params_of("pretrain", augment_shift=0, epochs=8, batch_size=8, lr=0.01, patience=10),
             "classify",
             torch.device("cpu"),
             lambda_gen=0.5,

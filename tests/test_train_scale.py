@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BIN, merge
+from conftest import BIN, merge, params_of
 from safetensors.torch import load_file
 from test_train import toy_data
 
@@ -39,9 +39,13 @@ def toy_fit(params: TrainParams, checkpointer=None):
 def test_gradient_accumulation_matches_the_full_batch():
     # 64 images in batches of 24: the last batch (16) splits unevenly, which the weighting must handle.
     # fp32: in bf16 the rounding of different micro-batch shapes alone exceeds the tolerance.
-    full, _ = toy_fit(TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, precision="fp32", augment_shift=1))
+    full, _ = toy_fit(
+        params_of("pretrain", epochs=2, batch_size=24, lr=0.01, patience=5, precision="fp32", augment_shift=1)
+    )
     accum, _ = toy_fit(
-        TrainParams(epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3, precision="fp32", augment_shift=1)
+        params_of(
+            "pretrain", epochs=2, batch_size=24, lr=0.01, patience=5, grad_accum=3, precision="fp32", augment_shift=1
+        )
     )
     for (k, a), (_, b) in zip(full.state_dict().items(), accum.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=k)
@@ -72,8 +76,15 @@ class CrashAfter(Checkpointer):
 
 
 def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
-    params = TrainParams(
-        epochs=4, batch_size=8, lr=0.01, patience=10, checkpoint_every=3, augment_shift=1, grad_accum=2
+    params = params_of(
+        "pretrain",
+        epochs=4,
+        batch_size=8,
+        lr=0.01,
+        patience=10,
+        checkpoint_every=3,
+        augment_shift=1,
+        grad_accum=2,
     )
     reference, ref_history = toy_fit(params)
     with pytest.raises(KeyboardInterrupt):
@@ -85,7 +96,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):
-    params = TrainParams(epochs=1, batch_size=8, lr=0.01, checkpoint_every=2)
+    params = params_of("pretrain", augment_shift=0, epochs=1, batch_size=8, lr=0.01, checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):
         toy_fit(params, CrashAfter(tmp_path, "old", 2, crash_after=1))
     reference, _ = toy_fit(params)

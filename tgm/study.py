@@ -165,7 +165,7 @@ def train_neural(model, x, y, params: FinetuneParams, epochs: int, unlabelled, s
     """Fine-tune `model` in place for `epochs` epochs; with a selection set, return its per-epoch history."""
     from tgm.train import fit
 
-    budget = dataclasses.replace(params, epochs=epochs, patience=epochs + 1, checkpoint_every=0)
+    budget = params.model_copy(update={"epochs": epochs, "patience": epochs + 1, "checkpoint_every": 0})
     train_log = logging.getLogger("tgm.train")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # dozens of short runs: one line per run below, not one per epoch
@@ -205,7 +205,7 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
                 train_neural(
                     make_model(),
                     *split["fit"],
-                    dataclasses.replace(params, lr=lr),
+                    params.model_copy(update={"lr": lr}),
                     epochs,
                     unlabelled,
                     split["select"],
@@ -221,7 +221,7 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
     seed_everything(params.seed)
     model = make_model()
     x_all, y_all = data["all"]
-    train_neural(model, x_all, y_all, dataclasses.replace(params, lr=lr), chosen_epochs, unlabelled, None, device)
+    train_neural(model, x_all, y_all, params.model_copy(update={"lr": lr}), chosen_epochs, unlabelled, None, device)
     model = model.cpu()
     accuracy = lambda x, y: float((predict_proba(model, x).argmax(1) == y).mean())  # noqa: E731
     return {

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tgm.errors import DeviceUnavailable, TrainingDiverged
 from tgm.io import atomic_dir, write_json
 from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
@@ -61,7 +62,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but PyTorch sees no CUDA device here")
+        raise DeviceUnavailable(f"device {name!r} was asked for, but PyTorch sees no CUDA device here")
     if name == "cuda":
         return torch.device("cuda", local_rank)  # one GPU per torchrun process
     return torch.device(name)
@@ -452,7 +453,7 @@ def fit(
             )
         if val is not None:
             if not math.isfinite(val_metrics[monitor]):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"{objective}: validation loss became {val_metrics[monitor]} in epoch "
                     f"{epoch}; training diverged, lower the learning rate"
                 )
@@ -464,7 +465,7 @@ def fit(
                     log.info("%s: no validation improvement for %d epochs, stopping early", objective, st["bad_epochs"])
                     st["stopped"] = True
         elif not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"{objective}: training loss became {row['train_loss']} in epoch {epoch}; "
                 "training diverged, lower the learning rate"
             )
@@ -512,7 +513,7 @@ def pretrain(
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
     _, spec, train, val = _prepared(prepared_dir)
-    cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **asdict(model_params))
+    cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **model_params.model_dump())
     model = TGM(cfg).to(device)
     if dist.is_main:
         log.info(
@@ -525,7 +526,7 @@ def pretrain(
         )
     ckpt = Checkpointer(
         checkpoint_dir,
-        Checkpointer.fingerprint_of("generative", asdict(params), asdict(cfg), train[0]),
+        Checkpointer.fingerprint_of("generative", params.model_dump(), asdict(cfg), train[0]),
         params.checkpoint_every,
     )
     history, best_epoch = fit(model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist)
@@ -568,7 +569,7 @@ def finetune(
     weights = np.frombuffer((Path(pretrained_dir) / "model.safetensors").read_bytes(), dtype=np.uint8)
     ckpt = Checkpointer(
         checkpoint_dir,
-        Checkpointer.fingerprint_of("classify", asdict(params), asdict(model.cfg), train[0], train[1], weights),
+        Checkpointer.fingerprint_of("classify", params.model_dump(), asdict(model.cfg), train[0], train[1], weights),
         params.checkpoint_every,
     )
     history, best_epoch = fit(
