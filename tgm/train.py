@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -256,6 +256,273 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+@dataclass
+class Progress:
+    """Where a run is and what it has learnt so far: everything a checkpoint restores besides weights,
+    optimizer, schedule and random generators."""
+
+    epoch: int = 1
+    batch: int = 0  # batches of `epoch` done
+    step: int = 0  # optimizer steps done
+    run_loss: float = 0.0  # summed training loss of `epoch` so far ...
+    seen: int = 0  # ... over this many images
+    history: list[dict] = field(default_factory=list)
+    best: float = math.inf  # best validation loss of the monitored objective
+    best_epoch: int = 0
+    best_state: dict | None = None
+    bad_epochs: int = 0  # epochs since `best` last improved
+    stopped: bool = False
+    epoch_order_rng: torch.Tensor | None = None  # the order generator at the start of `epoch`
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: no copy of best_state
+
+
+@dataclass
+class Run:
+    """The fixed parts of one `fit` call: data, model wrappers, optimizer, schedule and random generators."""
+
+    model: TGM
+    train_model: torch.nn.Module  # the model as trained: DDP- and/or compile-wrapped
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    params: TrainParams
+    objective: Objective
+    device: torch.device
+    lambda_gen: float
+    dist: Dist
+    checkpointer: Checkpointer | None
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    pool: torch.Tensor | None  # unlabelled images mixed into each batch (classify only)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    amp_dtype: torch.dtype | None
+    order_gen: torch.Generator  # the shuffle of each epoch
+    aug_gen: torch.Generator  # augmentation draws
+    pool_gen: torch.Generator  # which unlabelled images join a batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.tokens) / self.params.batch_size)
+
+    @property
+    def monitor(self) -> str:
+        # Early stopping watches the validation loss of the objective being trained for.
+        return "gen_loss" if self.objective == "generative" else "cls_loss"
+
+
+def _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled) -> Run:
+    total = math.ceil(len(train[0]) / params.batch_size) * params.epochs
+    warmup = max(1, int(total * params.warmup_fraction))
+    opt = make_optimizer(model, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, params.min_lr_fraction))
+    ddp = None
+    train_model: torch.nn.Module = model
+    if dist.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        train_model = ddp
+    if params.compile:
+        train_model = torch.compile(train_model)
+    return Run(
+        model=model,
+        train_model=train_model,
+        ddp=ddp,
+        params=params,
+        objective=objective,
+        device=device,
+        lambda_gen=lambda_gen,
+        dist=dist,
+        checkpointer=checkpointer,
+        tokens=torch.from_numpy(train[0]),
+        labels=torch.from_numpy(train[1]),
+        pool=torch.from_numpy(unlabelled) if unlabelled is not None and len(unlabelled) else None,
+        opt=opt,
+        sched=sched,
+        amp_dtype=resolve_precision(params.precision, device),
+        order_gen=torch.Generator().manual_seed(params.seed),
+        aug_gen=torch.Generator().manual_seed(params.seed + 1),
+        pool_gen=torch.Generator().manual_seed(params.seed + 2),
+    )
+
+
+def _resume(run: Run) -> Progress:
+    """The progress of the run's last checkpoint, with weights, optimizer and generators restored; or a start."""
+    saved = run.checkpointer.load() if run.checkpointer else None
+    if saved is None:
+        return Progress()
+    run.model.load_state_dict(saved["model"])
+    run.opt.load_state_dict(saved["optimizer"])
+    run.sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if run.device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], run.device)
+    run.aug_gen.set_state(saved["aug_rng"])
+    run.order_gen.set_state(saved["order_rng"])
+    if "pool_rng" in saved:  # checkpoints written before the unlabelled pool existed
+        run.pool_gen.set_state(saved["pool_rng"])
+    progress = Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
+    log.info(
+        "%s: resuming from %s at epoch %d, step %d", run.objective, run.checkpointer.path, progress.epoch, progress.step
+    )
+    return progress
+
+
+def _save_checkpoint(run: Run, progress: Progress) -> None:
+    if run.checkpointer is None or not run.dist.is_main:
+        return
+    state = {
+        "model": _cpu_state(run.model),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "aug_rng": run.aug_gen.get_state(),
+        "order_rng": run.order_gen.get_state(),
+        "pool_rng": run.pool_gen.get_state(),
+        **progress.as_dict(),
+    }
+    if run.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+    run.checkpointer.save(state)
+
+
+def _epoch_order(run: Run, progress: Progress) -> torch.Tensor:
+    if progress.batch == 0:
+        progress.epoch_order_rng = run.order_gen.get_state()
+    else:  # resuming inside an epoch: replay the same shuffle
+        run.order_gen.set_state(progress.epoch_order_rng)
+    return torch.randperm(len(run.tokens), generator=run.order_gen)
+
+
+def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `idx` with its share of unlabelled images, augmented: the whole global batch, on every rank."""
+    params = run.params
+    xb, yb = run.tokens[idx], run.labels[idx]
+    if run.pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
+        extra = run.pool[torch.randint(0, len(run.pool), (len(idx),), generator=run.pool_gen)]
+        xb = torch.stack([xb, extra], dim=1).reshape(-1, xb.size(1))
+        yb = torch.stack([yb, torch.full_like(yb, -1)], dim=1).reshape(-1)
+    # Augmentation covers the whole global batch on every rank: the same draws as one process.
+    if params.augment_rotate or params.augment_scale:
+        xb = warp_images(xb, params.augment_rotate, params.augment_scale, run.aug_gen)
+    if params.augment_shift:
+        xb = shift_images(xb, params.augment_shift, run.aug_gen)
+    return xb, yb
+
+
+def _optimizer_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on this rank's micro-batches of the global batch; returns (summed loss, images)."""
+    params, dist = run.params, run.dist
+    # Every rank holds the whole global batch and takes its own micro-batches of it.
+    micro = torch.tensor_split(torch.arange(len(xb)), dist.world * params.grad_accum)[
+        dist.rank * params.grad_accum : (dist.rank + 1) * params.grad_accum
+    ]
+    run.opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    for j, m in enumerate(micro):
+        # A batch too small to give every rank a micro-batch still runs one (weighted 0) so that
+        # all ranks take part in the gradient all-reduce.
+        weight = len(m) / len(xb) * dist.world
+        if len(m) == 0:
+            m, weight = torch.arange(1), 0.0
+        x, y = xb[m], yb[m]
+        sync = run.ddp is None or j == len(micro) - 1
+        with contextlib.nullcontext() if sync else run.ddp.no_sync(), autocast(run.device, run.amp_dtype):
+            loss, _ = batch_losses(run.train_model, x.to(run.device), y.to(run.device), run.objective, run.lambda_gen)
+        (loss * weight).backward()
+        if weight:
+            loss_sum += torch.tensor([loss.item() * len(m), len(m)], dtype=torch.float64)
+    if params.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), params.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    if dist.world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return loss_sum
+
+
+def _train_epoch(run: Run, progress: Progress) -> None:
+    """The rest of `progress.epoch`'s batches, with a progress bar and the periodic checkpoints."""
+    from tqdm import tqdm
+
+    batch, seq_len = run.params.batch_size, run.tokens.shape[1]
+    run.model.train()
+    order = _epoch_order(run, progress)
+    t0, seen_at_start = time.perf_counter(), progress.seen
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        initial=progress.batch,
+        desc=f"{run.objective} {progress.epoch}/{run.params.epochs}",
+        unit="step",
+        disable=None if run.dist.is_main else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for b in range(progress.batch, run.steps_per_epoch):
+        loss_sum = _optimizer_step(run, *_global_batch(run, order[b * batch : (b + 1) * batch]))
+        progress.run_loss += float(loss_sum[0])
+        progress.seen += int(loss_sum[1])
+        progress.step += 1
+        progress.batch = b + 1
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{progress.run_loss / max(1, progress.seen):.4f}",
+            tok_s=f"{(progress.seen - seen_at_start) * seq_len / max(time.perf_counter() - t0, 1e-9):.0f}",
+        )
+        if run.checkpointer and run.checkpointer.every and progress.step % run.checkpointer.every == 0:
+            _save_checkpoint(run, progress)
+    bar.close()
+
+
+def _end_epoch(run: Run, progress: Progress, val, epoch_time: float, tokens_per_s: float) -> None:
+    """Validate, record and log the epoch, update early stopping, then move `progress` to the next epoch."""
+    epoch, objective = progress.epoch, run.objective
+    row = {"epoch": epoch, "train_loss": progress.run_loss / progress.seen, "lr": run.sched.get_last_lr()[0]}
+    if val is not None:
+        batch = run.params.batch_size * 2
+        val_metrics = evaluate_split(run.model, *val, objective, run.lambda_gen, batch, run.device, run.amp_dtype)
+        row.update(val_loss=val_metrics["loss"], val_bpp=val_metrics["bpp"])
+        if objective == "classify":
+            row.update(val_accuracy=val_metrics["accuracy"], val_cls_loss=val_metrics["cls_loss"])
+    progress.history.append(row)
+    if run.dist.is_main and (val is not None or epoch == run.params.epochs):
+        _log_epoch(run, row, tokens_per_s, epoch_time * (run.params.epochs - epoch))
+    watched = val_metrics[run.monitor] if val is not None else row["train_loss"]
+    if not math.isfinite(watched):
+        which = "validation" if val is not None else "training"
+        raise TrainingDiverged(
+            f"{objective}: {which} loss became {watched} in epoch {epoch}; training diverged, lower the learning rate"
+        )
+    if val is not None:
+        if watched < progress.best - 1e-6:
+            progress.best, progress.best_epoch, progress.bad_epochs = watched, epoch, 0
+            progress.best_state = _cpu_state(run.model)
+        else:
+            progress.bad_epochs += 1
+            if progress.bad_epochs >= run.params.patience:
+                log.info("%s: no validation improvement for %d epochs, stopping early", objective, progress.bad_epochs)
+                progress.stopped = True
+    progress.epoch, progress.batch, progress.run_loss, progress.seen = epoch + 1, 0, 0.0, 0
+
+
+def _log_epoch(run: Run, row: dict, tokens_per_s: float, eta_s: float) -> None:
+    if "val_accuracy" in row:
+        shown = f"acc {row['val_accuracy']:.4f}"
+    else:
+        shown = f"val bpp {row['val_bpp']:.4f}" if "val_bpp" in row else ""
+    log.info(
+        "%s epoch %d/%d  train %.4f  %s  %.0f tok/s  eta %.0fs",
+        run.objective,
+        row["epoch"],
+        run.params.epochs,
+        row["train_loss"],
+        shown,
+        tokens_per_s,
+        eta_s,
+    )
+
+
 def fit(
     model: TGM,
     train: tuple[np.ndarray, np.ndarray],
@@ -278,206 +545,23 @@ def fit(
 
     Returns the per-epoch history and the number of the epoch whose weights were kept.
     """
-    tokens, labels = train
-    n, seq_len = tokens.shape
-    batch = params.batch_size
-    steps_per_epoch = math.ceil(n / batch)
-    total = steps_per_epoch * params.epochs
-    warmup = max(1, int(total * params.warmup_fraction))
-    amp_dtype = resolve_precision(params.precision, device)
-    opt = make_optimizer(model, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, params.min_lr_fraction))
-    order_gen = torch.Generator().manual_seed(params.seed)
-    aug_gen = torch.Generator().manual_seed(params.seed + 1)
-    pool_gen = torch.Generator().manual_seed(params.seed + 2)
-    pool = torch.from_numpy(unlabelled) if unlabelled is not None and len(unlabelled) else None
-
-    ddp = None
-    train_model: torch.nn.Module = model
-    if dist.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        train_model = ddp
-    if params.compile:
-        train_model = torch.compile(train_model)
-
-    # Early stopping watches the validation loss of the objective being trained for.
-    monitor = "gen_loss" if objective == "generative" else "cls_loss"
-    st = {
-        "epoch": 1,
-        "batch": 0,
-        "step": 0,
-        "run_loss": 0.0,
-        "seen": 0,
-        "history": [],
-        "best": math.inf,
-        "best_epoch": 0,
-        "best_state": None,
-        "bad_epochs": 0,
-        "stopped": False,
-        "epoch_order_rng": None,
-    }
-    saved = checkpointer.load() if checkpointer else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        aug_gen.set_state(saved["aug_rng"])
-        order_gen.set_state(saved["order_rng"])
-        if "pool_rng" in saved:  # checkpoints written before the unlabelled pool existed
-            pool_gen.set_state(saved["pool_rng"])
-        st.update({k: saved[k] for k in st if k in saved})
-        log.info("%s: resuming from %s at epoch %d, step %d", objective, checkpointer.path, st["epoch"], st["step"])
-
-    def save_checkpoint() -> None:
-        if checkpointer is None or not dist.is_main:
-            return
-        state = {
-            "model": _cpu_state(model),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "aug_rng": aug_gen.get_state(),
-            "order_rng": order_gen.get_state(),
-            "pool_rng": pool_gen.get_state(),
-            **st,
-        }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        checkpointer.save(state)
-
-    tokens_t, labels_t = torch.from_numpy(tokens), torch.from_numpy(labels)
-    parts_per_step = dist.world * params.grad_accum
-    start, speeds = time.perf_counter(), []
-    from tqdm import tqdm
-
-    while st["epoch"] <= params.epochs and not st["stopped"]:
-        epoch = st["epoch"]
-        model.train()
-        if st["batch"] == 0:
-            st["epoch_order_rng"] = order_gen.get_state()
-        else:  # resuming inside an epoch: replay the same shuffle
-            order_gen.set_state(st["epoch_order_rng"])
-        order = torch.randperm(n, generator=order_gen)
-        t0, seen_at_start = time.perf_counter(), st["seen"]
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=st["batch"],
-            desc=f"{objective} {epoch}/{params.epochs}",
-            unit="step",
-            disable=None if dist.is_main else True,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for b in range(st["batch"], steps_per_epoch):
-            idx = order[b * batch : (b + 1) * batch]
-            xb, yb = tokens_t[idx], labels_t[idx]
-            if pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
-                extra = pool[torch.randint(0, len(pool), (len(idx),), generator=pool_gen)]
-                xb = torch.stack([xb, extra], dim=1).reshape(-1, xb.size(1))
-                yb = torch.stack([yb, torch.full_like(yb, -1)], dim=1).reshape(-1)
-            # Augmentation covers the whole global batch on every rank: the same draws as one process.
-            if params.augment_rotate or params.augment_scale:
-                xb = warp_images(xb, params.augment_rotate, params.augment_scale, aug_gen)
-            if params.augment_shift:
-                xb = shift_images(xb, params.augment_shift, aug_gen)
-            # Every rank holds the whole global batch and takes its own micro-batches of it.
-            micro = torch.tensor_split(torch.arange(len(xb)), parts_per_step)[
-                dist.rank * params.grad_accum : (dist.rank + 1) * params.grad_accum
-            ]
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            for j, m in enumerate(micro):
-                # A batch too small to give every rank a micro-batch still runs one (weighted 0) so that
-                # all ranks take part in the gradient all-reduce.
-                weight = len(m) / len(xb) * dist.world
-                if len(m) == 0:
-                    m, weight = torch.arange(1), 0.0
-                x, y = xb[m], yb[m]
-                sync = ddp is None or j == len(micro) - 1
-                with contextlib.nullcontext() if sync else ddp.no_sync(), autocast(device, amp_dtype):
-                    loss, _ = batch_losses(train_model, x.to(device), y.to(device), objective, lambda_gen)
-                (loss * weight).backward()
-                if weight:
-                    loss_sum += torch.tensor([loss.item() * len(m), len(m)], dtype=torch.float64)
-            if params.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            opt.step()
-            sched.step()
-            if dist.world > 1:
-                torch.distributed.all_reduce(loss_sum)
-            st["run_loss"] += float(loss_sum[0])
-            st["seen"] += int(loss_sum[1])
-            st["step"] += 1
-            st["batch"] = b + 1
-            elapsed = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{st['run_loss'] / max(1, st['seen']):.4f}",
-                tok_s=f"{(st['seen'] - seen_at_start) * seq_len / max(elapsed, 1e-9):.0f}",
-            )
-            if checkpointer and checkpointer.every and st["step"] % checkpointer.every == 0:
-                save_checkpoint()
-        bar.close()
+    run = _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled)
+    progress = _resume(run)
+    start, speeds, seq_len = time.perf_counter(), [], train[0].shape[1]
+    while progress.epoch <= params.epochs and not progress.stopped:
+        t0, seen_at_start = time.perf_counter(), progress.seen
+        _train_epoch(run, progress)
         epoch_time = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": st["run_loss"] / st["seen"], "lr": sched.get_last_lr()[0]}
-        tokens_per_s = (st["seen"] - seen_at_start) * seq_len / epoch_time  # logged only: timings vary
-        speeds.append(tokens_per_s)
-        if val is not None:
-            val_metrics = evaluate_split(model, *val, objective, lambda_gen, batch * 2, device, amp_dtype)
-            row.update(val_loss=val_metrics["loss"], val_bpp=val_metrics["bpp"])
-            if objective == "classify":
-                row.update(val_accuracy=val_metrics["accuracy"], val_cls_loss=val_metrics["cls_loss"])
-        st["history"].append(row)
-        if dist.is_main and (val is not None or epoch == params.epochs):
-            shown = (
-                f"acc {row['val_accuracy']:.4f}"
-                if "val_accuracy" in row
-                else f"val bpp {row['val_bpp']:.4f}"
-                if "val_bpp" in row
-                else ""
-            )
-            log.info(
-                "%s epoch %d/%d  train %.4f  %s  %.0f tok/s  eta %.0fs",
-                objective,
-                epoch,
-                params.epochs,
-                row["train_loss"],
-                shown,
-                tokens_per_s,
-                epoch_time * (params.epochs - epoch),
-            )
-        if val is not None:
-            if not math.isfinite(val_metrics[monitor]):
-                raise TrainingDiverged(
-                    f"{objective}: validation loss became {val_metrics[monitor]} in epoch "
-                    f"{epoch}; training diverged, lower the learning rate"
-                )
-            if val_metrics[monitor] < st["best"] - 1e-6:
-                st.update(best=val_metrics[monitor], best_epoch=epoch, bad_epochs=0, best_state=_cpu_state(model))
-            else:
-                st["bad_epochs"] += 1
-                if st["bad_epochs"] >= params.patience:
-                    log.info("%s: no validation improvement for %d epochs, stopping early", objective, st["bad_epochs"])
-                    st["stopped"] = True
-        elif not math.isfinite(row["train_loss"]):
-            raise TrainingDiverged(
-                f"{objective}: training loss became {row['train_loss']} in epoch {epoch}; "
-                "training diverged, lower the learning rate"
-            )
-        st.update(epoch=epoch + 1, batch=0, run_loss=0.0, seen=0)
-        save_checkpoint()
-    if restore_best and st["best_state"] is not None:
-        model.load_state_dict(st["best_state"])
+        speeds.append((progress.seen - seen_at_start) * seq_len / epoch_time)  # logged only: timings vary
+        _end_epoch(run, progress, val, epoch_time, speeds[-1])
+        _save_checkpoint(run, progress)
+    if restore_best and progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
     if speeds:
         log.info(
             "%s: %.1fs, %.0f tokens/s on average", objective, time.perf_counter() - start, sum(speeds) / len(speeds)
         )
-    return st["history"], st["best_epoch"]
+    return progress.history, progress.best_epoch
 
 
 def write_curve(path: str | Path, history: list[dict]) -> None:
