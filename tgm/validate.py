@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,116 @@ def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidatePara
     return df
 
 
+@dataclass
+class Verdicts:
+    """Every inspected file's fate: accepted, or quarantined with one reason; plus the non-rejecting flags."""
+
+    inspected: pd.DataFrame  # every file, with its measurements
+    reasons: pd.Series  # per file: the quarantine reason, or NaN for accepted
+    accepted: pd.DataFrame
+    quarantine: pd.DataFrame  # path, label, sha256, reason, message
+    flags: dict[str, list[str]]  # flag rule -> paths (reported, not rejected)
+    classes: list[str]
+
+
+def judge_files(df: pd.DataFrame, suites, classes: list[str], params: ValidateParams) -> tuple[Verdicts, list]:
+    """Run the row suites and give each file one reason: the first rejecting expectation, in the order
+    tgm.expectations lists them. Returns the verdicts and the suites' summaries."""
+    failed, row_summaries = suites.check_rows(df)
+    decode_error = dict(zip(df["path"], df["decode_error"]))
+    by_path: dict[str, str] = {}
+    flags: dict[str, list[str]] = {}
+    for rule in suites.rules:
+        if rule.severity == "flag":
+            flags[rule.reason] = failed[rule.reason]
+            continue
+        for path in failed[rule.reason]:
+            by_path.setdefault(path, decode_error[path] if rule.reason == "undecodable" else rule.reason)
+    reasons = df["path"].map(by_path)
+    quarantined = df[reasons.notna()]
+    quarantine = pd.DataFrame(
+        {
+            "path": quarantined["path"],
+            "label": quarantined["label"].fillna(""),
+            "sha256": quarantined["sha256"],
+            "reason": reasons[reasons.notna()],
+            "message": [_message(reasons[i], df.loc[i], params) for i in quarantined.index],
+        }
+    ).reset_index(drop=True)
+    accepted = df[reasons.isna()].reset_index(drop=True)
+    return Verdicts(df, reasons, accepted, quarantine, flags, classes), row_summaries
+
+
+def summarise(v: Verdicts, inputs: int, source: dict, params: ValidateParams) -> tuple[dict, dict]:
+    """The metrics of reports/validation.json (with its problems and warnings) and the lists for details.json."""
+    per_class = v.accepted["label"].value_counts().reindex(v.classes, fill_value=0)
+    counts = Counter(v.quarantine["reason"])
+    near_constant = sorted(set(v.flags.get("near_constant", [])) & set(v.accepted["path"]))
+    details = {
+        "flagged_near_constant": near_constant,
+        "animated_first_frame_used": v.accepted.loc[v.accepted["n_frames"] > 1, "path"].tolist(),
+        "near_duplicate_groups": v.accepted[v.accepted.duplicated("ahash", keep=False)]
+        .groupby("ahash")["path"]
+        .apply(list)
+        .tolist(),
+        "empty_class_folders": source.get("empty_class_folders", []),
+    }
+    summary = {
+        "inputs": inputs,
+        "accepted": len(v.accepted),
+        "rejected": len(v.quarantine),
+        "reject_fraction": round(len(v.quarantine) / max(inputs, 1), 6),
+        "rejected_by_reason": dict(sorted(counts.items())),
+        "classes": len(v.classes),
+        "images_per_class": {k: int(n) for k, n in per_class.items()},
+        "flagged_near_constant": len(near_constant),
+        "animated_first_frame_used": len(details["animated_first_frame_used"]),
+        "near_duplicate_groups": len(details["near_duplicate_groups"]),
+        "empty_class_folders": len(details["empty_class_folders"]),
+    }
+    problems, warnings = _problems(summary, per_class, counts, v.classes, params)
+    if source.get("empty_class_folders"):
+        warnings.append("empty class folders ignored: " + ", ".join(source["empty_class_folders"]))
+    summary.update(passed=not problems, problems=problems, warnings=warnings)
+    return summary, details
+
+
+def _problems(summary: dict, per_class: pd.Series, counts: Counter, classes: list[str], params: ValidateParams):
+    """What makes the data as a whole unusable (problems) or worth a look (warnings)."""
+    problems, warnings = [], []
+    if summary["inputs"] == 0:
+        problems.append("the source contains no files")
+    if summary["reject_fraction"] > params.max_reject_fraction:
+        worst = ", ".join(f"{r}: {n}" for r, n in counts.most_common(3))
+        problems.append(
+            f"{summary['rejected']} of {summary['inputs']} files rejected "
+            f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction="
+            f"{params.max_reject_fraction:.1%}); most common reasons: {worst}"
+        )
+    small = {k: int(v) for k, v in per_class.items() if v < params.min_images_per_class}
+    if small:
+        problems.append(
+            f"classes below validate.min_images_per_class={params.min_images_per_class}: "
+            + ", ".join(f"{k} ({v})" for k, v in small.items())
+        )
+    if len(classes) == 1:
+        problems.append(f"only one class ({classes[0]!r}) was found; a classifier needs at least two class folders")
+    if len(classes) >= 2 and per_class.min() > 0 and per_class.max() / per_class.min() > params.max_class_imbalance:
+        warnings.append(
+            f"classes are imbalanced: {per_class.idxmax()} has {per_class.max()} images, "
+            f"{per_class.idxmin()} {per_class.min()} (> validate.max_class_imbalance)"
+        )
+    return problems, warnings
+
+
+def write_outputs(v: Verdicts, out_dir: Path, details: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    v.inspected.assign(verdict=v.reasons.fillna("accepted")).to_csv(out_dir / "inspected.csv", index=False)
+    v.accepted.to_csv(out_dir / "manifest.csv", index=False)
+    v.quarantine.to_csv(out_dir / "quarantine.csv", index=False)
+    write_json(out_dir / "details.json", details)
+
+
 def validate(
     params: ValidateParams,
     raw_dir: str | Path = "data/raw",
@@ -126,94 +237,13 @@ def validate(
         docs_dir = Path(docs_dir)
         shutil.rmtree(docs_dir, ignore_errors=True)
     suites = Suites(params, classes, docs_dir)
-    failed, row_summaries = suites.check_rows(df)
-    # One reason per file: the first rejecting expectation, in the order tgm.expectations lists them.
-    decode_error = dict(zip(df["path"], df["decode_error"]))
-    by_path: dict[str, str] = {}
-    flags: dict[str, list[str]] = {}
-    for rule in suites.rules:
-        if rule.severity == "flag":
-            flags[rule.reason] = failed[rule.reason]
-            continue
-        for path in failed[rule.reason]:
-            by_path.setdefault(path, decode_error[path] if rule.reason == "undecodable" else rule.reason)
-    reasons = df["path"].map(by_path)
-    accepted = df[reasons.isna()].reset_index(drop=True)
-    quarantined = df[reasons.notna()]
-    quarantine = pd.DataFrame(
-        {
-            "path": quarantined["path"],
-            "label": quarantined["label"].fillna(""),
-            "sha256": quarantined["sha256"],
-            "reason": reasons[reasons.notna()],
-            "message": [_message(reasons[i], df.loc[i], params) for i in quarantined.index],
-        }
-    ).reset_index(drop=True)
-    assert len(accepted) + len(quarantine) == len(manifest)  # every input accounted for
-
+    verdicts, row_summaries = judge_files(df, suites, classes, params)
+    assert len(verdicts.accepted) + len(verdicts.quarantine) == len(manifest)  # every input accounted for
     # The class-level suite judges what will actually be trained on.
-    class_summaries = suites.check_classes(_class_table(accepted))
-    per_class = accepted["label"].value_counts().reindex(classes, fill_value=0)
-    counts = Counter(quarantine["reason"])
-    animated = accepted.loc[accepted["n_frames"] > 1, "path"].tolist()
-    near_dups = accepted[accepted.duplicated("ahash", keep=False)].groupby("ahash")["path"].apply(list).tolist()
-    summary = {
-        "inputs": len(manifest),
-        "accepted": len(accepted),
-        "rejected": len(quarantine),
-        "reject_fraction": round(len(quarantine) / max(len(manifest), 1), 6),
-        "rejected_by_reason": dict(sorted(counts.items())),
-        "classes": len(classes),
-        "images_per_class": {k: int(v) for k, v in per_class.items()},
-        "flagged_near_constant": len(set(flags.get("near_constant", [])) & set(accepted["path"])),
-        "animated_first_frame_used": len(animated),
-        "near_duplicate_groups": len(near_dups),
-        "empty_class_folders": len(source.get("empty_class_folders", [])),
-    }
-    problems, warnings = [], []
-    if len(manifest) == 0:
-        problems.append("the source contains no files")
-    if summary["reject_fraction"] > params.max_reject_fraction:
-        worst = ", ".join(f"{r}: {n}" for r, n in counts.most_common(3))
-        problems.append(
-            f"{summary['rejected']} of {summary['inputs']} files rejected "
-            f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction="
-            f"{params.max_reject_fraction:.1%}); most common reasons: {worst}"
-        )
-    small = {k: int(v) for k, v in per_class.items() if v < params.min_images_per_class}
-    if small:
-        problems.append(
-            f"classes below validate.min_images_per_class={params.min_images_per_class}: "
-            + ", ".join(f"{k} ({v})" for k, v in small.items())
-        )
-    if len(classes) == 1:
-        problems.append(f"only one class ({classes[0]!r}) was found; a classifier needs at least two class folders")
-    if len(classes) >= 2 and per_class.min() > 0 and per_class.max() / per_class.min() > params.max_class_imbalance:
-        warnings.append(
-            f"classes are imbalanced: {per_class.idxmax()} has {per_class.max()} images, "
-            f"{per_class.idxmin()} {per_class.min()} (> validate.max_class_imbalance)"
-        )
-    if source.get("empty_class_folders"):
-        warnings.append("empty class folders ignored: " + ", ".join(source["empty_class_folders"]))
-    summary["passed"] = not problems
-    summary["problems"] = problems
-    summary["warnings"] = warnings
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.assign(verdict=reasons.fillna("accepted")).to_csv(out_dir / "inspected.csv", index=False)
-    accepted.to_csv(out_dir / "manifest.csv", index=False)
-    quarantine.to_csv(out_dir / "quarantine.csv", index=False)
-    write_json(
-        out_dir / "details.json",
-        {
-            "expectations": row_summaries + class_summaries,
-            "flagged_near_constant": sorted(set(flags.get("near_constant", [])) & set(accepted["path"])),
-            "animated_first_frame_used": animated,
-            "near_duplicate_groups": near_dups,
-            "empty_class_folders": source.get("empty_class_folders", []),
-            "data_docs": suites.docs_index,
-        },
-    )
+    class_summaries = suites.check_classes(_class_table(verdicts.accepted))
+    summary, details = summarise(verdicts, len(manifest), source, params)
+    details = {"expectations": row_summaries + class_summaries, **details, "data_docs": suites.docs_index}
+    write_outputs(verdicts, out_dir, details)
     write_json(report_path, summary)
     elapsed = time.perf_counter() - t0
     log.info(
@@ -221,19 +251,19 @@ def validate(
         len(manifest),
         elapsed,
         len(manifest) / max(elapsed, 1e-9),
-        len(accepted),
-        len(quarantine),
-        dict(counts),
+        summary["accepted"],
+        summary["rejected"],
+        summary["rejected_by_reason"],
     )
-    for w in warnings:
+    for w in summary["warnings"]:
         log.warning("validate: %s", w)
-    if problems:
+    if summary["problems"]:
         raise DataUnusableError(
             "validation failed:\n  "
-            + "\n  ".join(problems)
+            + "\n  ".join(summary["problems"])
             + f"\nSee {out_dir / 'quarantine.csv'} for each rejected file."
         )
-    schemas.check(schemas.AcceptedManifest, accepted.fillna({"label": ""}), "accepted manifest")
+    schemas.check(schemas.AcceptedManifest, verdicts.accepted.fillna({"label": ""}), "accepted manifest")
     return summary
 
 
