@@ -82,6 +82,37 @@ def experiment_name() -> str:
     return "prefect-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
 
 
+def reproduce(workdir: str, stages: list[str]) -> tuple[list[dict], StageFailed | None]:
+    """Each stage in turn as a task, until one fails; stages `dvc status` calls current are skipped unless a
+    stage before them ran."""
+    results: list[dict] = []
+    stale = stale_stages(workdir)
+    upstream_ran = False
+    for stage in stages:
+        try:
+            result = run_stage.with_options(retries=RETRIES.get(stage, 1))(
+                stage, workdir, up_to_date=stage not in stale and not upstream_ran
+            )
+        except StageFailed as exc:
+            return results, exc
+        upstream_ran = upstream_ran or bool(result["ran"])
+        results.append(result)
+    return results, None
+
+
+def record(workdir: str, results: list[dict], failure: StageFailed | None) -> str | None:
+    """Save the run as DVC experiment `prefect-<flow run name>`; its name, or None when that is not possible."""
+    exp_name = experiment_name()
+    message = f"Prefect flow run {flow_run.get_name()}" + (f" ({failure.stage} failed)" if failure else "")
+    try:
+        # Every finished stage is already committed to dvc.lock (by its `dvc repro`, or it was up to
+        # date), so DVC needs to commit only one of them; never the failed or unreached ones.
+        return record_experiment(workdir, exp_name, [results[-1]["stage"]], message)
+    except Exception as exc:  # noqa: BLE001 - a run without git still counts; say so rather than fail it
+        get_run_logger().warning("not recorded as a DVC experiment: %s", exc)
+        return None
+
+
 @flow(name="tgm-pipeline", log_prints=True)
 def pipeline(
     workdir: str = ".",
@@ -114,43 +145,18 @@ def pipeline(
         **override_pairs(params),
         **parse_overrides(list(overrides or []) + ([f"ingest.source={source}"] if source else [])),
     }
-    results: list[dict] = []
-    failure: StageFailed | None = None
-    exp_name = None
     with workspace_lock(workdir, wait_s=wait_for_workspace_s), overridden_params(workdir, sets):
         if sets:
             logger.info("params for this run: %s", ", ".join(f"{k}={v!r}" for k, v in sets.items()))
-        stale = stale_stages(workdir)
-        upstream_ran = False
-        for stage in stages or stage_names(workdir):
-            try:
-                result = run_stage.with_options(retries=RETRIES.get(stage, 1))(
-                    stage, workdir, up_to_date=stage not in stale and not upstream_ran
-                )
-            except StageFailed as exc:
-                failure = exc
-                break
-            upstream_ran = upstream_ran or bool(result["ran"])
-            results.append(result)
-
-        if experiment and results:
-            exp_name = experiment_name()
-            message = f"Prefect flow run {flow_run.get_name()}" + (f" ({failure.stage} failed)" if failure else "")
-            try:
-                # Every finished stage is already committed to dvc.lock (by its `dvc repro`, or it was up to
-                # date), so DVC needs to commit only one of them; never the failed or unreached ones.
-                record_experiment(workdir, exp_name, [results[-1]["stage"]], message)
-            except Exception as exc:  # noqa: BLE001 - a run without git still counts; say so rather than fail it
-                logger.warning("not recorded as a DVC experiment: %s", exc)
-                exp_name = None
-        ran = {s for r in results for s in r["ran"]}
+        results, failure = reproduce(workdir, stages or stage_names(workdir))
+        exp_name = record(workdir, results, failure) if experiment and results else None
         markdown = artifacts.render(
             Path(workdir),
             results,
             (failure.stage, failure.reason) if failure else None,
             exp_name,
             metrics_diff(workdir),
-            ran,
+            {s for r in results for s in r["ran"]},
         )
         artifacts.publish(markdown)
 

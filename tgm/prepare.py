@@ -63,16 +63,8 @@ def looks_grey(image: Image.Image) -> bool:
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
-def prepare(
-    params: PrepareParams,
-    validated_dir: str | Path = "data/validated",
-    raw_dir: str | Path = "data/raw",
-    out_dir: str | Path = "data/prepared",
-) -> dict:
-    raw_dir = Path(raw_dir)
-    manifest = pd.read_csv(Path(validated_dir) / "manifest.csv", keep_default_na=False, dtype={"label": str})
-    manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
-
+def split_table(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFrame:
+    """path, label, sha256 (and group) of every accepted image, with its split."""
     # The accepted manifest holds each picture once (validate quarantines copies; the contract enforces it).
     cols = ["path", "label", "sha256"] + (["ahash"] if "ahash" in manifest else [])
     table = manifest[cols].reset_index(drop=True)
@@ -82,9 +74,11 @@ def prepare(
         table["group"] = table["label"] + ":" + table["ahash"]
         group = "group"
     table["split"] = stratified_split(table, params.val_fraction, params.test_fraction, params.seed, group)
-    table = schemas.check(schemas.SplitTable, table, "split table")
+    return schemas.check(schemas.SplitTable, table, "split table")
 
-    classes = class_order(table["label"])
+
+def read_pixels(table: pd.DataFrame, raw_dir: Path, params: PrepareParams) -> tuple[np.ndarray, str]:
+    """Every image resized, as (N, T, C) pixels, and the colour mode (`auto` decided from the images)."""
     images = []
     for path in table["path"]:
         with Image.open(raw_dir / path) as im:
@@ -93,19 +87,22 @@ def prepare(
     color_mode = params.color_mode
     if color_mode == "auto":
         color_mode = "grey" if all(looks_grey(im) for im in images) else "rgb"
-    pixels = np.stack([image_pixels(im, params.image_size, color_mode) for im in images])  # (N, T, C)
-    del images
-    train_pixels = pixels[(table["split"] == "train").to_numpy()].reshape(-1, pixels.shape[-1])
+    return np.stack([image_pixels(im, params.image_size, color_mode) for im in images]), color_mode
+
+
+def fit_spec(pixels: np.ndarray, is_train: np.ndarray, color_mode: str, params: PrepareParams) -> PreprocessSpec:
+    """The palette, fitted on (a seeded sample of) the training pixels only."""
+    train_pixels = pixels[is_train].reshape(-1, pixels.shape[-1])
     if len(train_pixels) > params.kmeans_sample_pixels:
         pick = np.random.default_rng(params.seed).choice(len(train_pixels), params.kmeans_sample_pixels, replace=False)
         train_pixels = train_pixels[np.sort(pick)]
-    spec = PreprocessSpec(
+    return PreprocessSpec(
         params.image_size, color_mode, fit_palette(train_pixels, color_mode, params.palette_size, params.seed)
     )
-    # Same two steps as preprocess.image_to_tokens, batched: the service uses that function on each image.
-    tokens = quantize_to_palette(pixels.reshape(-1, pixels.shape[-1]), spec.palette).reshape(len(table), -1)
-    labels = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
 
+
+def write_prepared(out_dir, table: pd.DataFrame, tokens, labels, spec: PreprocessSpec, classes: list) -> dict:
+    """The token arrays per split, the palette, splits.csv and meta.json, all or nothing."""
     token_dtype = np.uint8 if spec.palette_size <= 256 else np.uint16
     counts = {}
     with atomic_dir(out_dir) as tmp:
@@ -118,21 +115,35 @@ def prepare(
         table.to_csv(tmp / "splits.csv", index=False)
         meta = {
             "classes": classes,
-            "image_size": params.image_size,
-            "color_mode": color_mode,
+            "image_size": spec.image_size,
+            "color_mode": spec.color_mode,
             "palette_size": spec.palette_size,
             "seq_len": spec.seq_len,
             "split_sizes": counts,
             "images": len(table),
         }
         write_json(tmp / "meta.json", meta)
-    log.info(
-        "prepare: %s, %s palette of %d, splits %s",
-        f"{params.image_size}x{params.image_size}",
-        color_mode,
-        spec.palette_size,
-        counts,
-    )
+    return meta
+
+
+def prepare(
+    params: PrepareParams,
+    validated_dir: str | Path = "data/validated",
+    raw_dir: str | Path = "data/raw",
+    out_dir: str | Path = "data/prepared",
+) -> dict:
+    manifest = pd.read_csv(Path(validated_dir) / "manifest.csv", keep_default_na=False, dtype={"label": str})
+    manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
+    table = split_table(manifest, params)
+    classes = class_order(table["label"])
+    pixels, color_mode = read_pixels(table, Path(raw_dir), params)
+    spec = fit_spec(pixels, (table["split"] == "train").to_numpy(), color_mode, params)
+    # Same two steps as preprocess.image_to_tokens, batched: the service uses that function on each image.
+    tokens = quantize_to_palette(pixels.reshape(-1, pixels.shape[-1]), spec.palette).reshape(len(table), -1)
+    labels = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    meta = write_prepared(out_dir, table, tokens, labels, spec, classes)
+    size = f"{params.image_size}x{params.image_size}"
+    log.info("prepare: %s, %s palette of %d, splits %s", size, color_mode, spec.palette_size, meta["split_sizes"])
     return meta
 
 

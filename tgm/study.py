@@ -37,13 +37,19 @@ import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from tgm.errors import EmptySplit
 from tgm.io import write_json
 from tgm.params import FinetuneParams, StudyParams
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 NEURAL = ("finetune", "scratch")
@@ -223,7 +229,10 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
     x_all, y_all = data["all"]
     train_neural(model, x_all, y_all, params.model_copy(update={"lr": lr}), chosen_epochs, unlabelled, None, device)
     model = model.cpu()
-    accuracy = lambda x, y: float((predict_proba(model, x).argmax(1) == y).mean())  # noqa: E731
+
+    def accuracy(x, y):
+        return float((predict_proba(model, x).argmax(1) == y).mean())
+
     return {
         "test": accuracy(*data["test"]),
         "train": accuracy(x_all, y_all),
@@ -241,6 +250,119 @@ def sklearn_arm(candidates, make, data: dict) -> dict:
     }
 
 
+@dataclass
+class StudyInputs:
+    """What every subset of the study draws from: the splits, the features of every training and test image
+    (computed once; each arm indexes its subset) and how to build the two neural arms' models."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    features: dict[str, np.ndarray]  # pooled T-GM features per layer, for the probe
+    pixels: dict[str, np.ndarray]  # raw pixel features, for the pixel baselines
+    n_classes: int
+    grid: int
+    pretrained_dir: Path
+    device: torch.device
+
+    @classmethod
+    def load(cls, prepared_dir, pretrained_dir, finetune_params: FinetuneParams) -> StudyInputs:
+        from tgm.model import load_model
+        from tgm.prepare import check_prepared, load_split
+        from tgm.preprocess import PreprocessSpec, pixel_features
+        from tgm.probe import pooled_features
+        from tgm.train import resolve_device
+
+        n_classes = len(check_prepared(prepared_dir)["classes"])
+        spec = PreprocessSpec.load(prepared_dir)
+        train, test = load_split(prepared_dir, "train"), load_split(prepared_dir, "test")
+        if min(len(train[0]), len(test[0])) == 0:
+            raise EmptySplit("study: the train or test split is empty")
+        device = resolve_device(finetune_params.device)
+        grid = finetune_params.cls_grid
+        encoder = load_model(pretrained_dir)
+        features = {"train": pooled_features(encoder, train[0], grid), "test": pooled_features(encoder, test[0], grid)}
+        pixels = {"train": pixel_features(train[0], spec), "test": pixel_features(test[0], spec)}
+        return cls(train, test, features, pixels, n_classes, grid, Path(pretrained_dir), device)
+
+    def pretrained_model(self):
+        from tgm.model import load_model
+
+        return load_model(self.pretrained_dir, n_classes=self.n_classes, strict=False, cls_grid=self.grid)
+
+    def scratch_model(self):
+        from tgm.model import TGM, load_model
+
+        cfg = load_model(self.pretrained_dir).cfg
+        return TGM(dataclasses.replace(cfg, n_classes=self.n_classes, cls_grid=self.grid))
+
+
+def subset_views(inputs: StudyInputs, idx: np.ndarray, folds: list[dict], source, test_x, pick=None) -> dict:
+    """The subset's folds, the whole subset and the test split, from one view of the images."""
+    labels = inputs.train[1]
+
+    def view(i):
+        return (pick(source, i) if pick else source[i], labels[i])
+
+    return {
+        "splits": [{k: view(i) for k, i in f.items()} for f in folds],
+        "all": view(idx),
+        "test": (test_x, inputs.test[1]),
+    }
+
+
+def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: FinetuneParams, fraction, subset) -> list:
+    """Every arm on one labelled subset, each selecting inside it; one table row per arm."""
+    train = inputs.train
+    seed = params.seed + subset
+    idx = label_subset(train[1], fraction, seed, min_per_class=max(2, params.folds))
+    folds = [
+        {"fit": idx[f], "select": idx[s]} for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)
+    ]
+    unlabelled = np.delete(train[0], idx, axis=0) if params.unlabelled else None
+    results = {}
+    for arm, make, lrs, steps in (
+        ("finetune", inputs.pretrained_model, params.finetune_lrs, params.steps),
+        ("scratch", inputs.scratch_model, params.scratch_lrs, params.scratch_steps),
+    ):
+        t0 = time.perf_counter()
+        views = subset_views(inputs, idx, folds, train[0], inputs.test[0])
+        results[arm] = neural_arm(make, lrs, views, finetune_params, steps, unlabelled, inputs.device)
+        log.info("study: %s, %g of the labels, subset %d: %.1fs", arm, fraction, subset, time.perf_counter() - t0)
+    features = inputs.features
+    layers = list(range(1, features["train"].shape[0])) + ["all"]
+    results["probe"] = sklearn_arm(
+        [{"C": c, "layer": layer} for layer in layers for c in params.probe_C],
+        LayerProbe,
+        subset_views(inputs, idx, folds, features["train"], features["test"], pick=lambda x, i: x[:, i]),
+    )
+    pixel_views = subset_views(inputs, idx, folds, inputs.pixels["train"], inputs.pixels["test"])
+    for arm, candidates in pixel_candidates(min(len(f["fit"]) for f in folds), params).items():
+        results[arm] = sklearn_arm(candidates, lambda _arm=arm, **s: pixel_model(_arm, **s), pixel_views)
+    # What a user holding only L would deploy: the T-GM variant that did better on the selection part.
+    picked = "finetune" if results["finetune"]["select"] > results["probe"]["select"] else "probe"
+    results["tgm"] = {**results[picked], "choice": picked}
+    log.info(
+        "study: %g of the labels (%d images), subset %d: %s",
+        fraction,
+        len(idx),
+        subset,
+        "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS),
+    )
+    return [
+        {
+            "fraction": fraction,
+            "labelled": len(idx),
+            "subset": subset,
+            "arm": arm,
+            "test_accuracy": round(r["test"], 6),
+            "select_accuracy": round(r["select"], 6),
+            "train_accuracy": round(r["train"], 6) if "train" in r else None,
+            "choice": r["choice"],
+        }
+        for arm, r in results.items()
+    ]
+
+
 def study(
     params: StudyParams,
     finetune_params: FinetuneParams,
@@ -250,96 +372,13 @@ def study(
     table_path: str | Path = "plots/label_efficiency.csv",
     plot_path: str | Path = "plots/label_efficiency.png",
 ) -> dict:
-    from tgm.model import TGM, load_model
-    from tgm.prepare import check_prepared, load_split
-    from tgm.preprocess import PreprocessSpec, pixel_features
-    from tgm.probe import pooled_features
-    from tgm.train import resolve_device
-
-    n_classes = len(check_prepared(prepared_dir)["classes"])
-    spec = PreprocessSpec.load(prepared_dir)
-    train, test = load_split(prepared_dir, "train"), load_split(prepared_dir, "test")
-    if min(len(train[0]), len(test[0])) == 0:
-        raise ValueError("study: the train or test split is empty")
-    device = resolve_device(finetune_params.device)
-    grid = finetune_params.cls_grid
-
-    def pretrained_model():
-        return load_model(pretrained_dir, n_classes=n_classes, strict=False, cls_grid=grid)
-
-    def scratch_model():
-        return TGM(dataclasses.replace(load_model(pretrained_dir).cfg, n_classes=n_classes, cls_grid=grid))
-
-    # Features and pixels of every training image are computed once; each arm indexes its subset.
-    encoder = load_model(pretrained_dir)
-    features = {"train": pooled_features(encoder, train[0], grid), "test": pooled_features(encoder, test[0], grid)}
-    pixels = {"train": pixel_features(train[0], spec), "test": pixel_features(test[0], spec)}
-    runs = []
-    for fraction in sorted(set(params.fractions)):
-        for subset in range(params.subsets):
-            seed = params.seed + subset
-            idx = label_subset(train[1], fraction, seed, min_per_class=max(2, params.folds))
-            folds = [
-                {"fit": idx[f], "select": idx[s]}
-                for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)
-            ]
-            unlabelled = np.delete(train[0], idx, axis=0) if params.unlabelled else None
-
-            def data(source, test_x, pick=lambda x, i: x[i]):
-                """The subset's folds, the whole subset and the test split, from one view of the images."""
-                view = lambda i: (pick(source, i), train[1][i])  # noqa: E731
-                return {
-                    "splits": [{k: view(i) for k, i in f.items()} for f in folds],
-                    "all": view(idx),
-                    "test": (test_x, test[1]),
-                }
-
-            results = {}
-            for arm, make, lrs, steps in (
-                ("finetune", pretrained_model, params.finetune_lrs, params.steps),
-                ("scratch", scratch_model, params.scratch_lrs, params.scratch_steps),
-            ):
-                t0 = time.perf_counter()
-                results[arm] = neural_arm(
-                    make, lrs, data(train[0], test[0]), finetune_params, steps, unlabelled, device
-                )
-                log.info(
-                    "study: %s, %g of the labels, subset %d: %.1fs", arm, fraction, subset, time.perf_counter() - t0
-                )
-            layers = list(range(1, features["train"].shape[0])) + ["all"]
-            results["probe"] = sklearn_arm(
-                [{"C": c, "layer": layer} for layer in layers for c in params.probe_C],
-                LayerProbe,
-                data(features["train"], features["test"], pick=lambda x, i: x[:, i]),
-            )
-            for arm, candidates in pixel_candidates(min(len(f["fit"]) for f in folds), params).items():
-                results[arm] = sklearn_arm(
-                    candidates, lambda _arm=arm, **s: pixel_model(_arm, **s), data(pixels["train"], pixels["test"])
-                )
-            # What a user holding only L would deploy: the T-GM variant that did better on the selection part.
-            picked = "finetune" if results["finetune"]["select"] > results["probe"]["select"] else "probe"
-            results["tgm"] = {**results[picked], "choice": picked}
-            for arm, r in results.items():
-                runs.append(
-                    {
-                        "fraction": fraction,
-                        "labelled": len(idx),
-                        "subset": subset,
-                        "arm": arm,
-                        "test_accuracy": round(r["test"], 6),
-                        "select_accuracy": round(r["select"], 6),
-                        "train_accuracy": round(r["train"], 6) if "train" in r else None,
-                        "choice": r["choice"],
-                    }
-                )
-            log.info(
-                "study: %g of the labels (%d images), subset %d: %s",
-                fraction,
-                len(idx),
-                subset,
-                "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS),
-            )
-
+    inputs = StudyInputs.load(prepared_dir, pretrained_dir, finetune_params)
+    runs = [
+        row
+        for fraction in sorted(set(params.fractions))
+        for subset in range(params.subsets)
+        for row in run_subset(inputs, params, finetune_params, fraction, subset)
+    ]
     table = pd.DataFrame(runs)
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(table_path, index=False)
