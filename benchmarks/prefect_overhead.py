@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tgm import local_server  # noqa: E402
+from tests.support import local_server  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

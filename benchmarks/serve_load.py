@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tgm import local_server  # noqa: E402
+from tests.support import local_server  # noqa: E402
 
 
 def ceiling(model_dir: Path, paths: list[Path], batch: int, seconds: float = 3.0) -> float:
+    from tests.support.classifier import Classifier
     from tgm.images import open_image
-    from tgm.inference import Classifier, predict_proba
+    from tgm.inference import predict_proba
 
     clf = Classifier(model_dir)
     done, start = 0, time.perf_counter()

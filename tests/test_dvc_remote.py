@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run
-
-from tgm import local_server
+from support import local_server
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run
-
-from tgm import local_server
+from support import local_server
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from support import local_server
+from support.classifier import Classifier
 
-from tgm import local_server
-from tgm.inference import Classifier
 from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from tgm.io import read_json, write_json
 from tgm.model import TGM, load_model
 from tgm.params import EvaluateParams
 from tgm.prepare import load_split
-from tgm.preprocess import PreprocessSpec, pixel_features, tokens_to_image
+from tgm.preprocess import PreprocessSpec, completion_tiles, pixel_features
 from tgm.train import LN2, evaluate_split, seed_everything
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,7 @@ def completion_grid(
     fig, axes = plt.subplots(n, k + 2, figsize=(1.1 * (k + 2), 1.15 * n), squeeze=False)
     cmap = "gray" if spec.color_mode == "grey" else None
     for r, idx in enumerate(picks):
-        given = tokens[idx].copy()
-        shown = [tokens_to_image(tokens[idx], spec)]
-        masked = tokens_to_image(given, spec).copy()
-        masked[keep // spec.image_size :] = 128
-        shown.append(masked)
-        shown += [tokens_to_image(samples[r * k + j], spec) for j in range(k)]
+        shown = completion_tiles(tokens[idx], samples[r * k : (r + 1) * k], keep, spec)
         for c, img in enumerate(shown):
             ax = axes[r, c]
             ax.imshow(

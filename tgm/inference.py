@@ -1,15 +1,12 @@
-"""In-process inference on a saved classifier directory; the BentoML service and the tests both use it."""
+"""Inference helpers shared by the stages and the BentoML service: batched class probabilities and the
+answer an image gets."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from PIL import Image
 
-from tgm.model import TGM, load_config, load_model
-from tgm.preprocess import PreprocessSpec, image_to_tokens
+from tgm.model import TGM
 
 
 @torch.no_grad()
@@ -23,27 +20,11 @@ def predict_proba(model: TGM, tokens: np.ndarray, batch_size: int = 256) -> np.n
     return np.concatenate(out) if out else np.zeros((0, model.cfg.n_classes), dtype=np.float32)
 
 
-class Classifier:
-    """A fine-tuned T-GM classifier together with the preprocessing it was trained with."""
-
-    def __init__(self, directory: str | Path):
-        directory = Path(directory)
-        self.model = load_model(directory).eval()
-        self.spec = PreprocessSpec.load(directory)
-        self.classes: list[str] = load_config(directory)["classes"]
-
-    def tokens(self, image: Image.Image) -> np.ndarray:
-        return image_to_tokens(image, self.spec)
-
-    def classify(self, images: list[Image.Image]) -> list[dict]:
-        """Label and per-class probabilities for each image."""
-        if not images:
-            return []
-        probs = predict_proba(self.model, np.stack([self.tokens(im) for im in images]))
-        return [
-            {
-                "label": self.classes[int(p.argmax())],
-                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
-            }
-            for p in probs
-        ]
+def answer(classes: list[str], probs: np.ndarray, model: str | None = None) -> dict:
+    """The label (and the model's tag, when given) and every class's probability, to 6 decimals, for one
+    image's class probabilities."""
+    out = {"label": classes[int(probs.argmax())]}
+    if model is not None:
+        out["model"] = model
+    out["probabilities"] = {c: round(float(p), 6) for c, p in zip(classes, probs)}
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from tgm.errors import UserError
+from tgm.io import write_bytes
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -191,9 +192,7 @@ def overridden_params(workdir: str | Path, overrides: dict[str, object]):
                 doc.setdefault(group, {})[name] = value
         yield
     finally:
-        tmp = path.with_name(".params.yaml.restore")
-        tmp.write_bytes(original)
-        os.replace(tmp, path)
+        write_bytes(path, original)
 
 
 def stale_stages(workdir: str | Path) -> set[str]:

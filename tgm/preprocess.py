@@ -113,6 +113,14 @@ def tokens_to_image(tokens: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return spec.palette[np.asarray(tokens).reshape(-1)].reshape(s, s, -1)
 
 
+def completion_tiles(tokens: np.ndarray, samples, keep: int, spec: PreprocessSpec) -> list[np.ndarray]:
+    """What a completion shows: the image as the model sees it, its first `keep` tokens with the rest grey,
+    then each sampled completion; (S, S, C) uint8 arrays."""
+    kept = tokens_to_image(tokens, spec).copy()
+    kept[keep // spec.image_size :] = 128
+    return [tokens_to_image(tokens, spec), kept] + [tokens_to_image(s, spec) for s in samples]
+
+
 def pixel_features(tokens: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """(N, S*S*C) palette colours in [0, 1]: the quantised pixels the transformer sees, for pixel baselines."""
     return spec.palette[tokens].reshape(len(tokens), -1) / 255.0

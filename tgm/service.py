@@ -34,8 +34,9 @@ from starlette.responses import JSONResponse
 from tgm.batching import MicroBatcher, Overloaded
 from tgm.http_guards import LimitsAndAuth, strict_multipart
 from tgm.images import InvalidImage, open_image
+from tgm.inference import answer
 from tgm.model import load_config
-from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
+from tgm.preprocess import PreprocessSpec, completion_tiles, image_to_tokens
 
 
 def _env_int(name: str, default: int) -> int:
@@ -157,11 +158,7 @@ class TGMClassifier:
         return await anyio.to_thread.run_sync(lambda: image_to_tokens(decode(path, field), self.spec))
 
     def _answer(self, probs: np.ndarray) -> dict:
-        return {
-            "label": self.classes[int(probs.argmax())],
-            "model": self.about["model"],
-            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
-        }
+        return answer(self.classes, probs, model=self.about["model"])
 
     @http.get("/metadata")
     def metadata(self) -> dict:
@@ -231,9 +228,7 @@ class TGMClassifier:
             lambda: self._sample(tokens[:keep], n=n, seed=seed, temperature=temperature, top_k=top_k),
             limiter=self.torch_lane,
         )
-        kept = tokens_to_image(tokens, self.spec).copy()
-        kept[keep // size :] = 128
-        tiles = [tokens_to_image(tokens, self.spec), kept] + [tokens_to_image(s, self.spec) for s in samples]
+        tiles = completion_tiles(tokens, samples, keep, self.spec)
         gap = np.full((size, 1, tiles[0].shape[2]), 255, dtype=np.uint8)
         row = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
         grid = Image.fromarray(row.squeeze(-1) if row.shape[2] == 1 else row)

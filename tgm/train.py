@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tgm.errors import DeviceUnavailable, TrainingDiverged
-from tgm.io import atomic_dir, write_json
+from tgm.io import atomic_dir, atomic_file, write_json
 from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
 
@@ -240,13 +240,8 @@ class Checkpointer:
         return state
 
     def save(self, state: dict) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{CHECKPOINT_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(self.path, "wb", durable=True) as f:
             torch.save({**state, "fingerprint": self.fingerprint}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # a kill before this line leaves the previous checkpoint intact
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
