@@ -7,6 +7,8 @@ import logging
 import sys
 import textwrap
 
+from tgm import __version__
+
 STAGES = {
     "ingest": (
         "Copy the data source into data/raw/ with a manifest of every file.",
@@ -114,20 +116,10 @@ def run_stage(stage: str, params_path: str) -> None:
     calls[stage]()
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("tgm")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgm", description="T-GM pipeline stages (each is one DVC stage).")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for name, (summary, text) in STAGES.items():
         sp = sub.add_parser(name, help=summary, description=textwrap.dedent("        " + text).strip())
         sp.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
