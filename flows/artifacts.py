@@ -18,6 +18,10 @@ KEYS = {
 }
 
 
+# metrics/evaluate.json's headline figures, named as `dvc metrics diff` names them (nested keys joined by dots).
+HEADLINE = ["accuracy", "macro_f1", "test_bpp", "reference.svm_rbf_accuracy"]
+
+
 def _read(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -54,8 +58,7 @@ def metrics_markdown(diff: dict, rev: str = "HEAD", target: str = "metrics/evalu
         return f"# Evaluation metrics\n\nNo `{target}` to compare (no previous version at `{rev}`, or no metrics yet)."
     rows = [f"| metric | {rev} | this run | change |", "|---|---|---|---|"]
     # The headline metrics first, then the rest (per-class recall...) in name order.
-    headline = ["accuracy", "macro_f1", "test_bits_per_pixel", "svm_rbf_accuracy"]
-    for name in [m for m in headline if m in diff] + sorted(m for m in diff if m not in headline):
+    for name in [m for m in HEADLINE if m in diff] + sorted(m for m in diff if m not in HEADLINE):
         d = diff[name]
         change = d.get("diff")
         rows.append(

@@ -81,7 +81,9 @@ def test_an_undeclared_new_import_is_caught(tmp_path):
     assert undeclared_and_unused(tmp_path) == {}
     gate = tmp_path / "tgm" / "gate.py"
     # Inside a function, as the stages import: the check must see it there too.
-    gate.write_text(gate.read_text() + "\n\ndef _later():\n    from tgm.study import summarise\n\n    return summarise\n")
+    gate.write_text(
+        gate.read_text() + "\n\ndef _later():\n    from tgm.study import summarise\n\n    return summarise\n"
+    )
     problems = undeclared_and_unused(tmp_path)
     assert set(problems) == {"gate"}
     missing, _ = problems["gate"]

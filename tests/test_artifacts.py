@@ -1,0 +1,152 @@
+"""What a flow run shows in the Prefect UI, and how the flow reads a stage's output: fast, no Prefect server."""
+
+import json
+
+import pytest
+from conftest import ROOT
+
+from flows import artifacts
+from tgm.orchestrate import BadOverride, StageFailed, parse_overrides, refusal
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested metrics as `dvc metrics diff` names them: keys joined by dots."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def diff_of(metrics: dict, change: float) -> dict:
+    return {k: {"old": v - change, "new": v, "diff": change} for k, v in flatten(metrics).items()}
+
+
+def test_headline_metrics_exist_in_what_evaluate_writes_and_come_first():
+    written = flatten(json.loads((ROOT / "metrics" / "evaluate.json").read_text()))
+    assert set(artifacts.HEADLINE) <= set(written), set(artifacts.HEADLINE) - set(written)
+    markdown = artifacts.metrics_markdown(diff_of(json.loads((ROOT / "metrics" / "evaluate.json").read_text()), 0.01))
+    names = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert names[: len(artifacts.HEADLINE)] == artifacts.HEADLINE
+    assert names[len(artifacts.HEADLINE) :] == sorted(names[len(artifacts.HEADLINE) :])
+    assert "| accuracy |" in markdown and "+0.0100 |" in markdown
+
+
+def test_no_previous_metrics_says_so():
+    assert "No `metrics/evaluate.json` to compare" in artifacts.metrics_markdown({})
+
+
+def test_stages_table_names_the_failure_by_its_first_line():
+    results = [{"stage": "ingest", "ran": ["ingest"], "skipped": []}, {"stage": "validate", "ran": [], "skipped": []}]
+    md = artifacts.stages_markdown(results, ("gate", "gate failed: accuracy too low\nmore detail"), "prefect-x")
+    assert "| ingest | ran |" in md and "| validate | up to date, skipped |" in md
+    assert "| gate | **failed**: gate failed: accuracy too low |" in md and "more detail" not in md
+    assert "`prefect-x`" in md
+    assert "Not recorded" in artifacts.stages_markdown(results, None, None)
+
+
+GATE = {
+    "passed": False,
+    "checks": [
+        {"name": "min_accuracy", "metric": "accuracy", "value": 0.8, "op": ">=", "threshold": 0.9, "passed": False},
+        {
+            "name": "max_regression",
+            "metric": "macro_f1",
+            "value": 0.95,
+            "op": ">=",
+            "threshold": 0.94,
+            "passed": True,
+            "why": "champion m:1 has 0.9500",
+        },
+    ],
+    "champion": {"model": "m:1", "bento": "s:1"},
+}
+
+
+def test_gate_report_shows_each_check_and_the_champion():
+    md = artifacts.gate_markdown(GATE)
+    assert "Decision: **failed**" in md
+    assert "| gate.min_accuracy | accuracy | 0.8000 | >= 0.9000 | **FAIL** |" in md
+    assert "| gate.max_regression | macro_f1 | 0.9500 | >= 0.9400 (champion m:1 has 0.9500) | pass |" in md
+    assert "`m:1` (Bento `s:1`)" in md
+    assert "No champion" in artifacts.gate_markdown({**GATE, "champion": None})
+    assert artifacts.gate_markdown(None) is None
+
+
+def test_validation_report_lists_reasons_classes_and_problems():
+    report = {
+        "passed": False,
+        "accepted": 8,
+        "inputs": 10,
+        "rejected": 2,
+        "reject_fraction": 0.2,
+        "classes": 2,
+        "rejected_by_reason": {"truncated": 1, "not_an_image": 1},
+        "images_per_class": {"a": 5, "b": 3},
+        "problems": ["too many rejected"],
+        "warnings": [],
+    }
+    md = artifacts.validation_markdown(report)
+    assert "Validation **failed**: 8 of 10 files accepted, 2 quarantined (0.2000), 2 classes." in md
+    assert md.index("| not_an_image | 1 |") < md.index("| truncated | 1 |")
+    assert "| b | 3 |" in md and "- problem: too many rejected" in md
+
+
+def write_reports(tmp_path):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "validation.json").write_text(json.dumps({"passed": True, "accepted": 1, "inputs": 1}))
+    (tmp_path / "reports" / "gate.json").write_text(json.dumps(GATE))
+    (tmp_path / "reports" / "package.json").write_text(json.dumps({"model_tag": "m:2", "bento_tag": "s:2"}))
+
+
+def test_render_shows_only_reports_of_stages_this_run_reached(tmp_path):
+    write_reports(tmp_path)
+    results = [{"stage": "validate", "ran": [], "skipped": ["validate"]}]
+    out = artifacts.render(tmp_path, results, ("gate", "gate failed"), None, {}, ran=set())
+    assert set(out) == {"stages", "metrics", "validation", "gate"}  # package never ran: no stale report of it
+    assert out["validation"].endswith("(up to date: this stage did not need to run.)")
+    assert "up to date" not in out["gate"]  # the failing stage's report is what it just wrote
+    done = [{"stage": s, "ran": [s], "skipped": []} for s in ("validate", "gate", "package")]
+    out = artifacts.render(tmp_path, done, None, "e", {}, ran={"validate", "gate", "package"})
+    assert "`bentoml serve s:2`" in out["package"] and "up to date" not in out["validation"]
+
+
+def test_a_refusal_is_read_with_its_continuation_lines_and_a_crash_is_not_one():
+    lines = [
+        "Running stage 'validate':",
+        "tgm validate: error: validation failed:",
+        "  too many rejected",
+        "  a class below its minimum",
+        "ERROR: failed to reproduce 'validate'",
+    ]
+    assert refusal(lines) == "validation failed:\ntoo many rejected\na class below its minimum"
+    failed = StageFailed("validate", 1, lines)
+    assert failed.refusal and failed.reason == failed.refusal
+    crash = StageFailed("pretrain", -9, ["epoch 3", "Killed"])
+    assert crash.refusal is None and "Killed" in crash.reason
+
+
+def test_overrides_parse_as_yaml_values():
+    assert parse_overrides(
+        [
+            "finetune.lr=0.001",
+            "study.fractions=[0.1, 0.5]",
+            "gate.max_regression=null",
+            "ingest.source=folder:data/sources/x",
+            "package.build_bento=false",
+        ]
+    ) == {
+        "finetune.lr": 0.001,
+        "study.fractions": [0.1, 0.5],
+        "gate.max_regression": None,
+        "ingest.source": "folder:data/sources/x",
+        "package.build_bento": False,
+    }
+
+
+@pytest.mark.parametrize("bad", ["finetune.lr", "lr=0.1", "a.b.c=1", ".lr=1", "finetune.lr=[1,"])
+def test_a_malformed_override_is_refused_naming_it(bad):
+    with pytest.raises(BadOverride, match="override"):
+        parse_overrides([bad])
