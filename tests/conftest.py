@@ -120,9 +120,23 @@ def bentoml_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_project(tmp_path_factory, bentoml_home) -> Path:
-    """The whole pipeline reproduced once on builtin:digits; every test that uses it leaves it up to date."""
+def built_project(tmp_path_factory, bentoml_home) -> Path:
+    """The whole pipeline reproduced once on builtin:digits, committed, its model packaged in `bentoml_home`.
+    Read it, never change it: a test that runs DVC, the flow or the gate on a project takes `digits_project`."""
     project = make_project(tmp_path_factory.mktemp("digits") / "project", TINY_PARAMS)
     run(["dvc", "repro"], project, timeout=900)
     commit_all(project, "first run")
+    return project
+
+
+@pytest.fixture
+def digits_project(built_project, bentoml_home, tmp_path, monkeypatch) -> Path:
+    """A private copy of the built project (git history, DVC cache and all) and of its BentoML store, so that
+    each test starts from the same state whatever ran before it, in any order."""
+    project = tmp_path / "project"
+    # .dvc/tmp holds DVC's locks and file-hash cache of the original; the copy builds its own.
+    shutil.copytree(built_project, project, symlinks=True, ignore=lambda d, _: {"tmp"} if d.endswith(".dvc") else set())
+    home = tmp_path / "bentoml_home"
+    shutil.copytree(bentoml_home, home, symlinks=True)
+    monkeypatch.setenv("BENTOML_HOME", str(home))
     return project

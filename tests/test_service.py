@@ -25,20 +25,20 @@ def start_server(target: list[str], cwd: Path, env: dict):
 
 
 @pytest.fixture(scope="module")
-def served(digits_project):
-    proc, url = start_server([], digits_project, {"TGM_MAX_REQUEST_BYTES": str(MAX_BYTES)})
+def served(built_project):
+    proc, url = start_server([], built_project, {"TGM_MAX_REQUEST_BYTES": str(MAX_BYTES)})
     yield url
     local_server.stop(proc)
 
 
 @pytest.fixture(scope="module")
-def classifier(digits_project):
-    return Classifier(digits_project / "models/classifier")
+def classifier(built_project):
+    return Classifier(built_project / "models/classifier")
 
 
 @pytest.fixture(scope="module")
-def images(digits_project) -> list[Path]:
-    return sorted((digits_project / "data/raw/images").rglob("*.png"))[::20][:64]
+def images(built_project) -> list[Path]:
+    return sorted((built_project / "data/raw/images").rglob("*.png"))[::20][:64]
 
 
 def upload(path: Path, field: str = "image"):
@@ -96,9 +96,9 @@ def test_64_concurrent_requests_all_get_the_in_process_answer(served, classifier
     assert passes < 64, "concurrent requests should share forward passes"
 
 
-def test_served_preprocessing_is_prepares(served, digits_project, images):
+def test_served_preprocessing_is_prepares(served, built_project, images):
     """keep_fraction=1 samples nothing: every tile is the image exactly as tokenised by the server."""
-    spec = PreprocessSpec.load(digits_project / "data/prepared")
+    spec = PreprocessSpec.load(built_project / "data/prepared")
     path = images[3]
     r = httpx.post(f"{served}/complete", files=[upload(path)], data={"keep_fraction": "1.0", "n": "2"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
@@ -125,14 +125,14 @@ def test_completions_are_seeded(served, images):
     assert complete(1) != complete(2)
 
 
-def test_metadata_says_which_model_answers(served, digits_project):
+def test_metadata_says_which_model_answers(served, built_project):
     r = httpx.get(f"{served}/metadata", timeout=10)
     assert r.status_code == 200
     meta = r.json()
-    assert meta["model"] == json.loads((digits_project / "reports/package.json").read_text())["model_tag"]
+    assert meta["model"] == json.loads((built_project / "reports/package.json").read_text())["model_tag"]
     assert meta["classes"] == [str(d) for d in range(10)]
     assert meta["image_size"] == 8 and meta["palette_size"] == 8
-    assert meta["metrics"]["accuracy"] == json.loads((digits_project / "metrics/evaluate.json").read_text())["accuracy"]
+    assert meta["metrics"]["accuracy"] == json.loads((built_project / "metrics/evaluate.json").read_text())["accuracy"]
     assert meta["params"]["model"]["n_layer"] == 2
     assert meta["git_commit"] and meta["data_hash"] not in (None, "unknown")
 
@@ -206,8 +206,8 @@ def test_a_decompression_bomb_is_refused_before_decoding(served):
     assert r.status_code == 400 and "too_large" in r.text
 
 
-def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(digits_project, tmp_path, images):
-    bento = json.loads((digits_project / "reports/package.json").read_text())
+def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(built_project, tmp_path, images):
+    bento = json.loads((built_project / "reports/package.json").read_text())
     proc, url = start_server([bento["bento_tag"]], tmp_path, {"TGM_API_KEY": "s3cret"})
     try:
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200  # health checks need no key
