@@ -10,7 +10,8 @@ named after the flow run (`dvc exp show`), and leaves artifacts in the Prefect U
 evaluation metrics next to the last commit's, the validation summary, the gate decision, the packaged tags.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: a deployment's runner rebuilds the flow's parameter model from
+# these annotations in another process, and the typed `params` form must be a class there, not a string.
 
 import argparse
 import re
