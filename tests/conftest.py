@@ -55,7 +55,7 @@ TINY_PARAMS = {
         "svm_C": [1.0, 10.0],
         "svm_gamma_scale": [1.0],
     },
-    "evaluate": {"completion_images": 2, "completion_samples": 2},
+    "evaluate": {"completion_images": 2, "completion_samples": 2, "ood_images": 200},
     # No champion comparison here: tests change params freely; tests/test_champion.py switches it on.
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_regression": None},
 }

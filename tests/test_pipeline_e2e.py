@@ -36,6 +36,12 @@ def test_first_run_produces_every_output(built_project):
     metrics = json.loads((p / "metrics/evaluate.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class_recall", "test_bpp", "reference"}
     assert len(metrics["per_class_recall"]) == 10
+    # Typicality: calibrated on validation, scored against every out-of-distribution set.
+    calibration = json.loads((p / "reports/typicality.json").read_text())
+    typicality = metrics["typicality"]
+    assert typicality["threshold_bpp"] == calibration["threshold"] and len(calibration["reference"]) > 0
+    assert set(typicality["ood"]) == {"uniform_noise", "inverted_test", "digits_8x8_upscaled", "photo_crops"}
+    assert typicality["ood"]["uniform_noise"]["auroc_typicality"] > 0.9  # even a tiny model finds noise atypical
     # Even tiny, the pipeline learns something: far above chance (10%) on 10 digit classes.
     assert metrics["accuracy"] > 0.5
     package = json.loads((p / "reports/package.json").read_text())

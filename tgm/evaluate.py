@@ -17,6 +17,7 @@ from tgm.params import EvaluateParams
 from tgm.prepare import load_split
 from tgm.preprocess import PreprocessSpec, completion_tiles, pixel_features
 from tgm.train import LN2, evaluate_split, seed_everything
+from tgm.typicality import ood_report
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def evaluate(
     metrics_path: str | Path = "metrics/evaluate.json",
     confusion_path: str | Path = "plots/confusion.csv",
     completions_path: str | Path = "plots/completions.png",
+    typicality_path: str | Path = "reports/typicality.json",
 ) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
@@ -123,6 +125,11 @@ def evaluate(
     }
     if params.svm_reference:
         metrics["reference"] = {"svm_rbf_accuracy": round(svm_reference(prepared_dir, spec), 6)}
+    val_tokens = load_split(prepared_dir, "val")[0]
+    typicality, metrics["typicality"] = ood_report(
+        classifier, spec, val_tokens, tokens, params.typicality_quantile, params.ood_images, params.seed
+    )
+    typicality.save(typicality_path)
 
     Path(confusion_path).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in pred]}).to_csv(
@@ -130,11 +137,8 @@ def evaluate(
     )
     completion_grid(pretrained, spec, tokens, labels, classes, params, Path(completions_path))
     write_json(metrics_path, metrics)
-    log.info(
-        "evaluate: accuracy %.4f, macro-F1 %.4f, test %.3f bits/pixel%s",
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        metrics["test_bpp"],
-        f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else "",
-    )
+    svm = f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else ""
+    log.info("evaluate: accuracy %.4f, macro-F1 %.4f%s", metrics["accuracy"], metrics["macro_f1"], svm)
+    ood = ", ".join(f"{k} {v['auroc_typicality']:.3f}" for k, v in metrics["typicality"]["ood"].items())
+    log.info("evaluate: typicality AUROC (bits per pixel): %s", ood)
     return metrics

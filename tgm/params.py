@@ -170,6 +170,19 @@ class EvaluateParams(Group):
     top_k: Int = Field(ge=0, description="0 samples from the whole palette")
     seed: Int
     svm_reference: Bool = Field(description="fit an RBF SVM on the same split, as a yardstick")
+    typicality_quantile: Float = Field(
+        gt=0.5, lt=1, description="share of validation images below the atypical threshold of bits per pixel"
+    )
+    ood_images: Int = Field(ge=10, description="images in each out-of-distribution set typicality is scored on")
+
+
+class DriftParams(Group):
+    """`tgm drift` and the drift flow: a folder of new images scored against the training distribution."""
+
+    folder: Str = Field(min_length=1, description="the folder of new images (any layout; labels unused)")
+    max_atypical_share: Fraction = Field(description="drift when more of the images are atypical than this")
+    min_p_value: Fraction = Field(description="drift when the KS test's p-value is below this")
+    min_images: Int = Field(ge=1, description="fewer readable images than this: too few to judge")
 
 
 class GateParams(Group):
@@ -202,6 +215,7 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams
         gate: GateParams
         package: PackageParams
+        drift: DriftParams
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
