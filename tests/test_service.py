@@ -33,7 +33,7 @@ def served(built_project):
 
 @pytest.fixture(scope="module")
 def classifier(built_project):
-    return Classifier(built_project / "models/classifier")
+    return Classifier(built_project / "models/classifier", built_project / "reports/typicality.json")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,8 @@ def expected(classifier, path: Path) -> dict:
 
 def same_answer(body: dict, want: dict) -> None:
     assert body["label"] == want["label"]
+    assert body["bits_per_pixel"] == pytest.approx(want["bits_per_pixel"], abs=1e-3)
+    assert body["typical"] is want["typical"] and isinstance(body["typical"], bool)
     assert set(body["probabilities"]) == set(want["probabilities"])
     for c, prob in want["probabilities"].items():
         assert body["probabilities"][c] == pytest.approx(prob, abs=1e-5)
@@ -134,6 +136,9 @@ def test_metadata_says_which_model_answers(served, built_project):
     assert meta["image_size"] == 8 and meta["palette_size"] == 8
     assert meta["metrics"]["accuracy"] == json.loads((built_project / "metrics/evaluate.json").read_text())["accuracy"]
     assert meta["params"]["model"]["n_layer"] == 2
+    calibration = json.loads((built_project / "reports/typicality.json").read_text())
+    assert meta["typicality"]["threshold_bpp"] == calibration["threshold"]
+    assert meta["typicality"]["refuse_atypical"] is False
     assert meta["git_commit"] and meta["data_hash"] not in (None, "unknown")
 
 
@@ -199,6 +204,31 @@ def test_bad_requests_get_a_4xx_json_error_naming_the_problem(
     assert ok.status_code == 200
 
 
+def noise_png(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_typicality_is_answered_and_counted_on_metrics(served, images):
+    noise = httpx.post(f"{served}/classify", files=[("image", ("n.png", noise_png(), "image/png"))], timeout=30)
+    assert noise.status_code == 200 and noise.json()["typical"] is False  # answered, flagged
+    r = httpx.post(f"{served}/classify_batch", files=[upload(p, "images") for p in images[:4]], timeout=30)
+    assert all(isinstance(a["bits_per_pixel"], float) for a in r.json()["results"])
+    metrics = httpx.get(f"{served}/metrics", timeout=10).text
+    counted = [line for line in metrics.splitlines() if line.startswith("tgm_bits_per_pixel_count")]
+    assert counted and float(counted[0].split()[-1]) >= 5
+    atypical = [line for line in metrics.splitlines() if line.startswith("tgm_atypical_images_total")]
+    assert atypical and float(atypical[0].split()[-1]) >= 1
+
+
+def test_oversized_headers_get_a_431(served, images):
+    big = {"X-Padding": "a" * 100_000}
+    r = httpx.post(f"{served}/classify", files=[upload(images[0])], headers=big, timeout=30)
+    assert r.status_code == 431 and r.json()["error"] == "headers_too_large"
+    assert httpx.get(f"{served}/metadata", headers={"X-Padding": "a" * 1000}, timeout=10).status_code == 200
+
+
 def test_a_decompression_bomb_is_refused_before_decoding(served):
     buf = io.BytesIO()
     Image.new("L", (8000, 8000)).save(buf, format="PNG")  # 64 Mpx, compresses to a few kB
@@ -208,7 +238,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(served):
 
 def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(built_project, tmp_path, images):
     bento = json.loads((built_project / "reports/package.json").read_text())
-    proc, url = start_server([bento["bento_tag"]], tmp_path, {"TGM_API_KEY": "s3cret"})
+    proc, url = start_server([bento["bento_tag"]], tmp_path, {"TGM_API_KEY": "s3cret", "TGM_REFUSE_ATYPICAL": "1"})
     try:
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200  # health checks need no key
         assert httpx.get(f"{url}/metadata", timeout=10).status_code == 401
@@ -219,7 +249,23 @@ def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(bui
         key = {"Authorization": "Bearer s3cret"}
         meta = httpx.get(f"{url}/metadata", headers=key, timeout=10)
         assert meta.status_code == 200 and meta.json()["model"] == bento["model_tag"]
-        r = httpx.post(f"{url}/classify", files=[upload(images[0])], headers=key, timeout=30)
-        assert r.status_code == 200, r.text
+        typical = next(
+            p
+            for p in images
+            if expected(Classifier(built_project / "models/classifier", built_project / "reports/typicality.json"), p)[
+                "typical"
+            ]
+        )
+        r = httpx.post(f"{url}/classify", files=[upload(typical)], headers=key, timeout=30)
+        assert r.status_code == 200 and r.json()["typical"] is True, r.text
+        # TGM_REFUSE_ATYPICAL=1: an image unlike the training data is refused, naming why, not classified.
+        files = [
+            ("images", ("a.png", typical.read_bytes(), "image/png")),
+            ("images", ("n.png", noise_png(), "image/png")),
+        ]
+        refused = httpx.post(f"{url}/classify_batch", files=files, headers=key, timeout=30)
+        assert refused.status_code == 422 and refused.json()["error"] == "atypical_image"
+        assert "images[1]" in refused.json()["detail"] and "images[0]" not in refused.json()["detail"]
+        assert httpx.get(f"{url}/metadata", headers=key, timeout=10).json()["typicality"]["refuse_atypical"] is True
     finally:
         local_server.stop(proc)

@@ -1,7 +1,8 @@
 """What stands between the network and the T-GM service: request-size limit, optional API key, and multipart
 parsing that answers client mistakes with 400s.
 
-- LimitsAndAuth (an ASGI middleware): a body over `max_bytes` is a 413, by its Content-Length or, for a
+- LimitsAndAuth (an ASGI middleware): request headers over `max_header_bytes` in all are a 431 (uvicorn's
+  httptools parser sets no limit of its own), a body over `max_bytes` is a 413, by its Content-Length or, for a
   streamed body, as soon as the count passes the limit. With TGM_API_KEY set, every path but the health
   checks needs `Authorization: Bearer <key>` (compared in constant time), else 401.
 - strict_multipart(): BentoML 1.4's multipart parser answers three client mistakes with a 500 (a malformed
@@ -38,15 +39,19 @@ async def json_reply(send, status: int, body: dict, headers: tuple = ()) -> None
 
 
 class LimitsAndAuth:
-    def __init__(self, app, max_bytes: int, key_env: str = "TGM_API_KEY") -> None:
+    def __init__(self, app, max_bytes: int, max_header_bytes: int = 64 * 1024, key_env: str = "TGM_API_KEY") -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes, self.max_header_bytes = max_bytes, max_header_bytes
         key = os.environ.get(key_env, "")
         self.key = key.encode() if key else None  # read in each worker process when its app is built
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            detail = f"the request headers are {header_bytes} bytes, over the limit of {self.max_header_bytes}"
+            return await json_reply(send, 431, {"error": "headers_too_large", "detail": detail})
         headers = dict(scope["headers"])
         if self.key is not None and scope["path"] not in HEALTH_PATHS:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")

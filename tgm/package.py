@@ -12,6 +12,8 @@ import yaml
 from tgm.errors import UserError
 from tgm.io import read_json, write_json
 from tgm.params import Params
+from tgm.typicality import FILE as TYPICALITY_FILE
+from tgm.typicality import Typicality
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ def package(
     classifier_dir: str | Path = "models/classifier",
     gate_report: str | Path = "reports/gate.json",
     report_path: str | Path = "reports/package.json",
+    typicality_path: str | Path = "reports/typicality.json",
 ) -> dict:
     import bentoml
 
@@ -67,12 +70,15 @@ def package(
         "classes": config["classes"],
         "model": config["model"],
         "preprocess": read_json(Path(classifier_dir) / "preprocess.json"),
+        "typicality": Typicality.load(typicality_path).describe(),
     }
     with bentoml.models.create(
         params.package.model_name, metadata=metadata, labels={"project": "t-gm", "gate": "passed"}
     ) as model_ref:
         for f in Path(classifier_dir).iterdir():
             shutil.copy2(f, Path(model_ref.path) / f.name)
+        # The service's typical range of bits per pixel, calibrated by evaluate on the validation split.
+        shutil.copy2(typicality_path, Path(model_ref.path) / TYPICALITY_FILE)
     log.info("package: saved %s", model_ref.tag)
     result = {"model_tag": str(model_ref.tag), "bento_tag": None}
     if params.package.build_bento:

@@ -9,10 +9,15 @@ machine: TGM_WORKERS processes (default 1), each a full copy of the model with T
 Which model: a built Bento serves the version it was built with (a Bento argument set by `tgm package`);
 `bentoml serve` in the project root serves TGM_MODEL or the newest `tgm-classifier`.
 
-Limits (environment, read at start): TGM_MAX_REQUEST_BYTES (default 10 MiB), TGM_MAX_PIXELS (decompression
+Limits (environment, read at start): TGM_MAX_REQUEST_BYTES (default 10 MiB), TGM_MAX_HEADER_BYTES (all
+request headers together, default 64 KiB), TGM_MAX_PIXELS (decompression
 bombs, default 40 Mpx), TGM_MAX_IMAGES (per /classify_batch, default 64), TGM_MAX_SAMPLES (per /complete,
 default 16). Every client mistake is a 4xx with a JSON body naming the problem.
 With TGM_API_KEY set, every endpoint but the health checks needs `Authorization: Bearer <key>`.
+
+Typicality: each answer carries the image's bits per pixel under the model's next-pixel head (from the same
+forward pass) and whether that is within the model's typical range (tgm.typicality); /metrics counts them. With
+TGM_REFUSE_ATYPICAL=1 an atypical image is refused with a 422 instead of classified.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from bentoml.validators import ContentType
 from fastapi import FastAPI
 from PIL import Image
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from pydantic import Field
 from starlette.responses import JSONResponse
 
@@ -37,6 +42,8 @@ from tgm.images import InvalidImage, open_image
 from tgm.inference import answer
 from tgm.model import load_config
 from tgm.preprocess import PreprocessSpec, completion_tiles, image_to_tokens
+from tgm.typicality import FILE as TYPICALITY_FILE
+from tgm.typicality import Typicality
 
 
 def _env_int(name: str, default: int) -> int:
@@ -51,10 +58,12 @@ MODEL = getattr(bentoml.use_arguments(), "model", None) or os.environ.get("TGM_M
 MAX_BATCH_SIZE = _env_int("TGM_MAX_BATCH_SIZE", 32)
 MAX_LATENCY_MS = _env_int("TGM_MAX_LATENCY_MS", 5000)
 MAX_REQUEST_BYTES = _env_int("TGM_MAX_REQUEST_BYTES", 10 * 1024 * 1024)
+MAX_HEADER_BYTES = _env_int("TGM_MAX_HEADER_BYTES", 64 * 1024)
 MAX_PIXELS = _env_int("TGM_MAX_PIXELS", 40_000_000)
 MAX_IMAGES = _env_int("TGM_MAX_IMAGES", 64)
 MAX_SAMPLES = _env_int("TGM_MAX_SAMPLES", 16)
 WORKERS = _env_int("TGM_WORKERS", 1)
+REFUSE_ATYPICAL = _env_int("TGM_REFUSE_ATYPICAL", 0) == 1
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 for _name, _value in (
     ("TGM_MAX_BATCH_SIZE", MAX_BATCH_SIZE),
@@ -69,6 +78,12 @@ strict_multipart()
 BATCH_SIZES = Histogram(
     "tgm_batch_size", "images per forward pass of /classify and /classify_batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
+BITS_PER_PIXEL = Histogram(
+    "tgm_bits_per_pixel",
+    "bits per pixel of each classified image under the model's next-pixel head (typicality)",
+    buckets=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0),
+)
+ATYPICAL = Counter("tgm_atypical_images", "classified images above the model's typical bits per pixel")
 
 
 class BadRequest(Exception):
@@ -77,10 +92,16 @@ class BadRequest(Exception):
         self.reason, self.detail = reason, detail
 
 
+class Atypical(BadRequest):
+    """An image outside the model's typical range, refused (TGM_REFUSE_ATYPICAL=1) rather than classified."""
+
+
 def error_response(exc: BadRequest | Overloaded) -> JSONResponse:
     if isinstance(exc, Overloaded):
         return JSONResponse({"error": "overloaded", "detail": str(exc)}, status_code=503)
-    return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=400)
+    return JSONResponse(
+        {"error": exc.reason, "detail": exc.detail}, status_code=422 if isinstance(exc, Atypical) else 400
+    )
 
 
 def decode(path: Path, field: str) -> Image.Image:
@@ -108,15 +129,16 @@ class TGMClassifier:
     def __init__(self) -> None:
         import torch
 
-        from tgm.inference import predict_proba
         from tgm.model import load_model
+        from tgm.typicality import classify_and_score
 
         path = self.bento_model.path
         torch.set_num_threads(_env_int("TGM_TORCH_THREADS", torch.get_num_threads()))
         self.model = load_model(path).eval()
         self.torch_lane = anyio.CapacityLimiter(1)  # one torch call at a time: it uses every core by itself
         self.batcher = MicroBatcher(
-            lambda tokens: predict_proba(self.model, tokens),
+            # One row per image: its class probabilities, then its bits per pixel.
+            lambda tokens: np.column_stack(classify_and_score(self.model, tokens)),
             MAX_BATCH_SIZE,
             MAX_LATENCY_MS,
             self.torch_lane,
@@ -124,6 +146,9 @@ class TGMClassifier:
         )
         self.spec = PreprocessSpec.load(path)
         self.classes: list[str] = load_config(path)["classes"]
+        # Models packaged before typicality existed answer without a verdict (typical: null).
+        calibration = Path(path) / TYPICALITY_FILE
+        self.typicality = Typicality.load(calibration) if calibration.exists() else None
         info = self.bento_model.info.metadata or {}
         self.about = {
             "model": str(self.bento_model.tag),
@@ -137,12 +162,17 @@ class TGMClassifier:
             "data_hash": info.get("data_hash"),
             "limits": {
                 "max_request_bytes": MAX_REQUEST_BYTES,
+                "max_header_bytes": MAX_HEADER_BYTES,
                 "max_pixels": MAX_PIXELS,
                 "max_images": MAX_IMAGES,
                 "max_samples": MAX_SAMPLES,
                 "accepted_formats": list(ACCEPTED_FORMATS),
             },
             "batching": {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS},
+            "typicality": {
+                **(self.typicality.describe() if self.typicality else {"threshold_bpp": None}),
+                "refuse_atypical": REFUSE_ATYPICAL,
+            },
         }
 
     def _sample(self, prefix: np.ndarray, n: int, seed: int, temperature: float, top_k: int) -> np.ndarray:
@@ -157,8 +187,30 @@ class TGMClassifier:
         # Decoding and quantising are CPU work: off the event loop, which keeps accepting requests meanwhile.
         return await anyio.to_thread.run_sync(lambda: image_to_tokens(decode(path, field), self.spec))
 
-    def _answer(self, probs: np.ndarray) -> dict:
-        return answer(self.classes, probs, model=self.about["model"])
+    def _answer(self, row: np.ndarray) -> dict:
+        """The answer for one image's row of the batcher: class probabilities, then bits per pixel."""
+        bpp = float(row[-1])
+        typical = bool(self.typicality.typical(bpp)) if self.typicality else None
+        BITS_PER_PIXEL.observe(bpp)
+        if typical is False:
+            ATYPICAL.inc()
+        return {
+            **answer(self.classes, row[:-1], model=self.about["model"]),
+            "bits_per_pixel": round(bpp, 4),
+            "typical": typical,
+        }
+
+    def _refuse_atypical(self, answers: list[dict], fields: list[str]) -> None:
+        if not REFUSE_ATYPICAL:
+            return
+        atypical = [(f, a["bits_per_pixel"]) for f, a in zip(fields, answers) if a["typical"] is False]
+        if atypical:
+            limit = self.typicality.threshold
+            raise Atypical(
+                "atypical_image",
+                "; ".join(f"{f}: {b:.3f} bits per pixel, above the typical {limit:.3f}" for f, b in atypical)
+                + " (unlike the images the model was trained on; TGM_REFUSE_ATYPICAL=1 refuses these)",
+            )
 
     @http.get("/metadata")
     def metadata(self) -> dict:
@@ -167,16 +219,19 @@ class TGMClassifier:
 
     @bentoml.api
     async def classify(self, image: Path) -> dict:
-        """Classify one image (multipart field `image`): its label and every class's probability.
+        """Classify one image (multipart field `image`): its label, every class's probability, its bits per pixel
+        and whether it is typical of the training images.
 
         Concurrent requests are batched into one forward pass. Example:
         `curl -F image=@digit.png http://localhost:3000/classify`"""
         try:
-            probs = await self.batcher((await self._tokens(image, "image"))[None, :])
+            rows = await self.batcher((await self._tokens(image, "image"))[None, :])
+            result = self._answer(rows[0])
+            self._refuse_atypical([result], ["image"])
         except (BadRequest, Overloaded) as exc:
             return error_response(exc)
         # A Response goes out as it is; a dict would cost a JSON-schema walk and a chunked body per request.
-        return JSONResponse(self._answer(probs[0]))
+        return JSONResponse(result)
 
     @bentoml.api
     async def classify_batch(self, images: list[Path]) -> dict:
@@ -189,10 +244,11 @@ class TGMClassifier:
             )
         try:
             tokens = np.stack([await self._tokens(p, f"images[{i}]") for i, p in enumerate(images)])
-            probs = await self.batcher(tokens)
+            results = [self._answer(row) for row in await self.batcher(tokens)]
+            self._refuse_atypical(results, [f"images[{i}]" for i in range(len(results))])
         except (BadRequest, Overloaded) as exc:
             return error_response(exc)
-        return JSONResponse({"results": [self._answer(p) for p in probs]})
+        return JSONResponse({"results": results})
 
     @bentoml.api
     async def complete(
@@ -238,4 +294,4 @@ class TGMClassifier:
         return grid
 
 
-TGMClassifier.add_asgi_middleware(LimitsAndAuth, max_bytes=MAX_REQUEST_BYTES)
+TGMClassifier.add_asgi_middleware(LimitsAndAuth, max_bytes=MAX_REQUEST_BYTES, max_header_bytes=MAX_HEADER_BYTES)

@@ -8,26 +8,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tgm.inference import answer, predict_proba
+from tgm.inference import answer
 from tgm.model import load_config, load_model
 from tgm.preprocess import PreprocessSpec, image_to_tokens
+from tgm.typicality import Typicality, classify_and_score
 
 
 class Classifier:
     """A fine-tuned T-GM classifier together with the preprocessing it was trained with."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, typicality: str | Path | None = None):
         directory = Path(directory)
         self.model = load_model(directory).eval()
         self.spec = PreprocessSpec.load(directory)
         self.classes: list[str] = load_config(directory)["classes"]
+        self.typicality = Typicality.load(typicality) if typicality else None
 
     def tokens(self, image: Image.Image) -> np.ndarray:
         return image_to_tokens(image, self.spec)
 
     def classify(self, images: list[Image.Image]) -> list[dict]:
-        """Label and per-class probabilities for each image."""
+        """Label, per-class probabilities, bits per pixel and (with a calibration) the typical verdict."""
         if not images:
             return []
-        probs = predict_proba(self.model, np.stack([self.tokens(im) for im in images]))
-        return [answer(self.classes, p) for p in probs]
+        probs, bpp = classify_and_score(self.model, np.stack([self.tokens(im) for im in images]))
+        return [
+            {
+                **answer(self.classes, p),
+                "bits_per_pixel": round(float(b), 4),
+                "typical": bool(self.typicality.typical(b)) if self.typicality else None,
+            }
+            for p, b in zip(probs, bpp)
+        ]
