@@ -3,6 +3,7 @@ the schedule read back through the API, a run triggered with run_deployment, its
 prefect.yaml deployed to a process work pool."""
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,43 @@ def test_served_flow_has_its_cron_schedule_and_runs_on_demand(prefect_api, clien
         local_server.stop(serve)
 
 
+def test_served_drift_flow_passes_new_test_images_and_fails_when_they_drift(
+    prefect_api, client_of, built_project, tmp_path
+):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from test_drift import incoming, replace_with_noise
+
+    project = tmp_path / "project"
+    for rel in ("params.yaml", "models/classifier", "reports/typicality.json"):
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        src = built_project / rel
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / rel)
+    files = incoming(built_project, tmp_path / "incoming")
+    api, home = prefect_api
+    env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    cmd = [sys.executable, "-m", "flows.drift", "serve", "--cron", "0 * * * *", "--name", "tgm-drift-test"]
+    serve, log = local_server.start_process([*cmd, "--workdir", str(project)], project, env, "drift-serve")
+
+    def artifact(flow_run) -> str:
+        found = client_of.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        return {a.key: a.data for a in found}["tgm-drift"]
+
+    try:
+        deployment = wait_for_deployment(client_of, "tgm-drift/tgm-drift-test")
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
+        parameters = {"folder": str(tmp_path / "incoming")}
+        passed = run_deployment("tgm-drift/tgm-drift-test", parameters=parameters, timeout=600, poll_interval=2)
+        assert passed.state.is_completed(), (passed.state, log.read_text()[-3000:])
+        assert "no drift" in artifact(passed)
+        replace_with_noise(files, 1 / 3)
+        failed = run_deployment("tgm-drift/tgm-drift-test", parameters=parameters, timeout=600, poll_interval=2)
+        assert failed.state.is_failed() and "of the images are atypical" in failed.state.message
+        assert "**drift**" in artifact(failed) and "| Kolmogorov-Smirnov statistic (p) |" in artifact(failed)
+    finally:
+        local_server.stop(serve)
+
+
 def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefect_api, client_of, digits_project):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -109,6 +147,8 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefec
     try:
         run([prefect, "work-pool", "create", "tgm-process", "--type", "process"], digits_project, env=env)
         run([prefect, "--no-prompt", "deploy", "--all"], digits_project, env=env)
+        drift = client_of.read_deployment_by_name("tgm-drift/tgm-drift-hourly")
+        assert [s.schedule.cron for s in drift.schedules] == ["0 * * * *"] and drift.work_pool_name == "tgm-process"
         deployment = client_of.read_deployment_by_name("tgm-pipeline/tgm-nightly")
         assert [s.schedule.cron for s in deployment.schedules] == [CRON]
         assert deployment.work_pool_name == "tgm-process"

@@ -70,6 +70,15 @@ STAGES = {
         fails); write reports/gate.json and exit non-zero naming each failed check, so that package does
         not run.""",
     ),
+    "drift": (
+        "Score a folder of new images against the training distribution; exit non-zero on drift.",
+        """Score every image in drift.folder (or --folder) with the classifier's bits per pixel and compare
+        them with the validation split's (reports/typicality.json, written by evaluate): the share above the
+        typical threshold, a two-sample Kolmogorov-Smirnov test and a Great Expectations suite over the
+        scores. Writes reports/drift.json, reports/drift_scores.csv (every file, scored or unreadable) and
+        Data Docs in reports/drift_docs/. Fails when the share passes drift.max_atypical_share or the test's
+        p-value falls below drift.min_p_value. Not a DVC stage: run it on new data, or schedule flows.drift.""",
+    ),
     "package": (
         "Save the gated classifier to the BentoML store and build a Bento.",
         """Save the gated classifier to the BentoML model store (package.model_name) with its
@@ -91,15 +100,18 @@ STAGE_MODULES = {
     "evaluate": "tgm.evaluate",
     "gate": "tgm.gate",
     "package": "tgm.package",
+    "drift": "tgm.drift",  # not a DVC stage
 }
 
 
-def run_stage(stage: str, params_path: str) -> None:
+def run_stage(stage: str, params_path: str, folder: str | None = None) -> None:
     import importlib
 
     from tgm.params import load_params
 
     p = load_params(params_path)
+    if folder is not None:
+        p = p.model_copy(update={"drift": p.drift.model_copy(update={"folder": folder})})
     module = importlib.import_module(STAGE_MODULES[stage])
     calls = {
         "ingest": lambda: module.ingest(p.ingest),
@@ -112,18 +124,22 @@ def run_stage(stage: str, params_path: str) -> None:
         "evaluate": lambda: module.evaluate(p.evaluate),
         "gate": lambda: module.gate(p.gate, model_name=p.package.model_name),
         "package": lambda: module.package(p, params_path=params_path),
+        "drift": lambda: module.drift(p.drift, max_pixels=p.validate.max_pixels),
     }
     calls[stage]()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tgm", description="T-GM pipeline stages (each is one DVC stage).")
+    parser = argparse.ArgumentParser(
+        prog="tgm", description="T-GM pipeline stages (each is one DVC stage), and the drift check."
+    )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for name, (summary, text) in STAGES.items():
         sp = sub.add_parser(name, help=summary, description=textwrap.dedent("        " + text).strip())
         sp.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
         sp.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub.choices["drift"].add_argument("--folder", help="the folder of new images (default: drift.folder)")
     return parser
 
 
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from tgm.errors import UserError
 
     try:
-        run_stage(args.stage, args.params)
+        run_stage(args.stage, args.params, getattr(args, "folder", None))
     except UserError as exc:
         print(f"tgm {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code

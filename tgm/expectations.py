@@ -83,14 +83,14 @@ def class_expectations(params: ValidateParams) -> list:
     ]
 
 
-class Suites:
-    """One ephemeral GX context holding both suites; each run adds its results to the Data Docs."""
+class GXRunner:
+    """One ephemeral GX context; each suite run adds its results to the Data Docs in `docs_dir` (None: none)."""
 
-    def __init__(self, params: ValidateParams, classes: list[str], docs_dir: Path | None):
+    def __init__(self, docs_dir: Path | None):
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        self.gx, self.params, self.classes, self.docs_dir = gx, params, classes, docs_dir
+        self.gx, self.docs_dir = gx, docs_dir
         self.ctx = gx.get_context(mode="ephemeral")
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         # An ephemeral context comes with a docs site in a fresh temporary directory; drop it so that no
@@ -113,9 +113,9 @@ class Suites:
                 },
             )
         self.source = self.ctx.data_sources.add_pandas("tgm")
-        self.rules = row_rules(params, classes)  # in priority order: a file's reason is its first failed rule
 
-    def _run(self, name: str, df: pd.DataFrame, expectations: list, index_column: str) -> list:
+    def run(self, name: str, df: pd.DataFrame, expectations: list, index_column: str) -> list:
+        """The expectations' results over `df`, unexpected rows named by `index_column`."""
         gx = self.gx
         batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = self.ctx.suites.add(gx.ExpectationSuite(name=f"tgm_{name}"))
@@ -136,6 +136,15 @@ class Suites:
         result = checkpoint.run(batch_parameters={"dataframe": df})
         return next(iter(result.run_results.values())).results
 
+
+class Suites(GXRunner):
+    """The row and class suites of validate, in one context."""
+
+    def __init__(self, params: ValidateParams, classes: list[str], docs_dir: Path | None):
+        super().__init__(docs_dir)
+        self.params, self.classes = params, classes
+        self.rules = row_rules(params, classes)  # in priority order: a file's reason is its first failed rule
+
     def check_rows(self, rows: pd.DataFrame) -> tuple[dict[str, list[str]], list[dict]]:
         """Paths each row rule rejects (or flags), keyed by reason in `self.rules` order; and summaries."""
         rules = self.rules
@@ -145,7 +154,7 @@ class Suites:
         by_reason = {r.reason: r for r in rules}
         failed: dict[str, list[str]] = {r.reason: [] for r in rules}
         summaries = []
-        for res in self._run("manifest", rows, [r.expectation for r in rules], "path"):
+        for res in self.run("manifest", rows, [r.expectation for r in rules], "path"):
             rule = by_reason[res.expectation_config.meta["reason"]]
             paths = [u["path"] for u in res.result.get("unexpected_index_list") or []]
             failed[rule.reason] = paths
@@ -165,7 +174,7 @@ class Suites:
 
     def check_classes(self, table: pd.DataFrame) -> list[dict]:
         summaries = []
-        for res in self._run("classes", table, class_expectations(self.params), "label"):
+        for res in self.run("classes", table, class_expectations(self.params), "label"):
             bad = [u["label"] for u in res.result.get("unexpected_index_list") or []]
             summaries.append(
                 {
