@@ -62,6 +62,10 @@ def drift_markdown(report: dict | None, refused: str | None) -> str:
         f"| median bits per pixel (validation) | {report['median_bpp']:.3f} ({report['validation_median_bpp']:.3f}) |",
         f"| Kolmogorov-Smirnov statistic (p) | {report['ks_statistic']:.3f} ({report['ks_p_value']:.2g}) |",
         "",
+        "| bits per pixel at | new images | validation |",
+        "|---|---|---|",
+        *[f"| {q} | {new:.3f} | {val:.3f} |" for q, (new, val) in report["quantiles"].items()],
+        "",
     ]
     lines += [f"- unreadable, {reason}: {n}" for reason, n in report.get("unreadable", {}).items()]
     lines += [f"- problem: {p}" for p in report["problems"]]

@@ -150,3 +150,33 @@ def test_overrides_parse_as_yaml_values():
 def test_a_malformed_override_is_refused_naming_it(bad):
     with pytest.raises(BadOverride, match="override"):
         parse_overrides([bad])
+
+
+def test_drift_artifact_shows_the_verdict_the_numbers_and_both_distributions():
+    from flows.drift import drift_markdown
+
+    report = {
+        "folder": "in",
+        "passed": False,
+        "files": 4,
+        "scored": 3,
+        "threshold_bpp": 1.4,
+        "atypical": 1,
+        "atypical_share": 1 / 3,
+        "median_bpp": 1.2,
+        "validation_median_bpp": 1.0,
+        "ks_statistic": 0.41,
+        "ks_p_value": 2e-5,
+        "quantiles": {"p50": [1.2, 1.0], "p90": [3.1, 1.3]},
+        "unreadable": {"truncated": 1},
+        "problems": ["33.3% of the images are atypical"],
+    }
+    md = drift_markdown(report, None)
+    assert "Folder `in`: **drift**. 3 of 4 files scored." in md
+    assert "| atypical images (over 1.400 bits per pixel) | 1 (33.3%) |" in md
+    assert "| Kolmogorov-Smirnov statistic (p) | 0.410 (2e-05) |" in md and "| p90 | 3.100 | 1.300 |" in md
+    assert "- unreadable, truncated: 1" in md and "- problem: 33.3% of the images are atypical" in md
+    assert drift_markdown({**report, "passed": True, "problems": []}, None).count("no drift") == 1
+    assert drift_markdown(None, "drift.folder: in does not exist").endswith(
+        "Not judged: drift.folder: in does not exist"
+    )

@@ -62,6 +62,8 @@ def test_test_images_pass_and_a_third_of_noise_fails(built_project, tmp_path):
     assert "% of the images are atypical" in message and "Kolmogorov-Smirnov statistic" in message
     report = json.loads((project / "reports/drift.json").read_text())
     assert not report["passed"] and report["atypical_share"] >= 0.3
+    new_p90, validation_p90 = report["quantiles"]["p90"]
+    assert new_p90 > validation_p90  # noise sits in the upper tail
 
 
 def test_a_missing_folder_is_a_clear_error(built_project, tmp_path):

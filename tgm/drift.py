@@ -73,6 +73,11 @@ def judge(params: DriftParams, typ: Typicality, bpp: np.ndarray) -> dict:
         "threshold_bpp": typ.threshold,
         "median_bpp": round(float(np.median(bpp)), 6),
         "validation_median_bpp": typ.median,
+        # The two distributions side by side: bits per pixel at these quantiles, new images and validation.
+        "quantiles": {
+            f"p{q}": [round(float(np.percentile(bpp, q)), 4), round(float(np.percentile(typ.reference, q)), 4)]
+            for q in (10, 25, 50, 75, 90, 99)
+        },
         "ks_statistic": round(float(ks.statistic), 6),
         "ks_p_value": float(f"{ks.pvalue:.6g}"),
     }
