@@ -11,7 +11,6 @@ folder is a finding, not a crash: it is not retried.
 
 # No `from __future__ import annotations`: a deployment's runner rebuilds the parameter model from these.
 
-import argparse
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows.commands import parse, run_or_serve
 from tgm.io import read_json
 from tgm.orchestrate import refusal
 
@@ -95,20 +95,10 @@ def drift_check(workdir: str = ".", folder: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    for command in ("run", "serve"):
-        p = sub.add_parser(command)
-        p.add_argument("--workdir", default=".", help="DVC project directory (default: .)")
+    parser, commands = run_or_serve(__doc__, "tgm-drift-hourly", "0 * * * *")
+    for p in commands:
         p.add_argument("--folder", help="folder of new images (default: params.yaml's drift.folder)")
-    when = sub.choices["serve"].add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help='cron schedule, e.g. "0 * * * *" (every hour)')
-    when.add_argument("--interval", type=float, help="schedule every this many seconds")
-    sub.choices["serve"].add_argument("--name", default="tgm-drift-hourly", help="deployment name")
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "serve", "-h", "--help"):
-        argv = ["run", *argv]
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     parameters = {"workdir": str(Path(args.workdir).resolve()), "folder": args.folder}
     if args.command == "serve":
         drift_check.serve(

@@ -13,9 +13,7 @@ evaluation metrics next to the last commit's, the validation summary, the gate d
 # No `from __future__ import annotations` here: a deployment's runner rebuilds the flow's parameter model from
 # these annotations in another process, and the typed `params` form must be a class there, not a string.
 
-import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from flows import artifacts
+from flows.commands import parse, run_or_serve
 from tgm.orchestrate import (
     StageFailed,
     metrics_diff,
@@ -180,11 +179,8 @@ def serve(cron: str | None, interval: float | None, name: str, parameters: dict,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    for command in ("run", "serve"):
-        p = sub.add_parser(command)
-        p.add_argument("--workdir", default=".", help="DVC project directory (default: .)")
+    parser, commands = run_or_serve(__doc__, "tgm-scheduled", "0 3 * * *")
+    for p in commands:
         p.add_argument("--source", help="data source, e.g. builtin:digits or folder:data/sources/NAME")
         p.add_argument(
             "-S",
@@ -207,22 +203,14 @@ def main(argv: list[str] | None = None) -> None:
             metavar="SECONDS",
             help="wait this long for another run holding the workspace (default: fail at once)",
         )
-    serve_p = sub.choices["serve"]
-    when = serve_p.add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
-    when.add_argument("--interval", type=float, help="schedule every this many seconds")
-    serve_p.add_argument("--name", default="tgm-scheduled", help="deployment name (default: tgm-scheduled)")
-    serve_p.add_argument(
+    commands[1].add_argument(
         "--limit",
         type=int,
         default=1,
         help="most concurrent runs this server starts (default: 1; the workspace lock still "
         "guards against runs from elsewhere)",
     )
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "serve", "-h", "--help"):
-        argv = ["run", *argv]  # `python -m flows.pipeline [options]` means run
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     parameters = {
         "workdir": str(Path(args.workdir).resolve()),
         "source": args.source,

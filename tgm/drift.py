@@ -64,11 +64,12 @@ def judge(params: DriftParams, typ: Typicality, bpp: np.ndarray) -> dict:
     """The drift report's numbers and its problems (none: no drift)."""
     from scipy.stats import ks_2samp
 
-    atypical = float(np.mean(~typ.typical(bpp)))
+    flagged = ~typ.typical(bpp)
+    atypical = float(flagged.mean())
     ks = ks_2samp(bpp, np.asarray(typ.reference))
     report = {
         "scored": int(len(bpp)),
-        "atypical": int(np.sum(~typ.typical(bpp))),
+        "atypical": int(flagged.sum()),
         "atypical_share": round(atypical, 6),
         "threshold_bpp": typ.threshold,
         "median_bpp": round(float(np.median(bpp)), 6),
