@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tgm.inference import forward_batches
 from tgm.io import read_json, write_json
 from tgm.model import TGM
 from tgm.preprocess import PreprocessSpec, image_to_tokens, quantize_to_palette
@@ -34,15 +35,12 @@ LN2 = math.log(2.0)
 def classify_and_score(model: TGM, tokens: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, n_classes) and bits per pixel (N,) of token sequences (N, T), one forward pass
     per batch."""
-    model.eval()
     probs, bpp = [], []
-    for i in range(0, len(tokens), batch_size):
-        x = torch.from_numpy(np.asarray(tokens[i : i + batch_size], dtype=np.int64))
-        logits, class_logits = model(x)
+    for x, logits, batch_probs in forward_batches(model, tokens, batch_size):
         nats = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none").mean(dim=1)
         bpp.append((nats / LN2).numpy())
-        if class_logits is not None:
-            probs.append(torch.softmax(class_logits.float(), dim=-1).numpy())
+        if batch_probs is not None:
+            probs.append(batch_probs)
     n_classes = model.cfg.n_classes or 0
     return (
         np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32),
