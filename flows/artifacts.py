@@ -15,6 +15,8 @@ KEYS = {
     "validation": "tgm-validation",
     "gate": "tgm-gate",
     "package": "tgm-package",
+    "model_card": "tgm-model-card",
+    "champion": "tgm-champion",
 }
 
 
@@ -109,13 +111,35 @@ def gate_markdown(report: dict | None) -> str | None:
             f"| gate.{c['name']} | {c['metric']} | {_num(c['value'])} | {needs} | "
             f"{'pass' if c['passed'] else '**FAIL**'} |"
         )
-    champion = report.get("champion")
-    lines.append("")
-    lines.append(
-        f"Champion compared with: `{champion['model']}` (Bento `{champion['bento']}`)."
+    champion, task = report.get("champion"), report.get("task") or {}
+    lines += [
+        "",
+        f"Task: `{task.get('id')}` (source `{task.get('source')}`, {len(task.get('classes', []))} classes).",
+        "",
+        f"Champion compared with: `{champion['model']}`, promoted {champion.get('promoted_at')} by "
+        f"{champion.get('promoted_by')}."
         if champion
-        else "No champion compared with (none in the BentoML store, or gate.max_regression is null)."
-    )
+        else "No champion compared with (this task has none yet, or gate.max_regression is null).",
+    ]
+    return "\n".join(lines)
+
+
+def champion_markdown(registry: dict | None) -> str | None:
+    """registry/champions.json after `promote`: the champion of the task promoted last, and the ones before."""
+    if not registry or not registry.get("latest"):
+        return None
+    task_id = registry["latest"]
+    entry = registry["tasks"][task_id]
+    lines = [f"# Champion of task `{task_id}`", "", "| model | accuracy | macro-F1 | promoted | by | how |"]
+    lines.append("|---|---|---|---|---|---|")
+    for i, c in enumerate(reversed([*entry["earlier"], entry["champion"]])):
+        name = f"**`{c['model']}`** (champion)" if i == 0 else f"`{c['model']}`"
+        m = c.get("metrics", {})
+        lines.append(
+            f"| {name} | {_num(m.get('accuracy'))} | {_num(m.get('macro_f1'))} | {c.get('promoted_at')} | "
+            f"{c.get('promoted_by')} | {c.get('how')} |"
+        )
+    lines += ["", "Roll back to the previous one: `tgm champion rollback`, then `git commit dvc.lock && dvc push`."]
     return "\n".join(lines)
 
 
@@ -151,15 +175,24 @@ def render(
         ("validation", "validate", "reports/validation.json", validation_markdown),
         ("gate", "gate", "reports/gate.json", gate_markdown),
         ("package", "package", "reports/package.json", package_markdown),
+        ("model_card", "package", "reports/model_card.md", _text),
+        ("champion", "promote", "registry/champions.json", champion_markdown),
     ]:
         if stage in finished or stage == failed_stage:
-            text = fn(_read(workdir / path))
+            text = fn(_read(workdir / path) if path.endswith(".json") else workdir / path)
             if text:
                 if stage == failed_stage or stage in ran:
                     out[kind] = text
                 else:
                     out[kind] = text + "\n\n(up to date: this stage did not need to run.)"
     return out
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def publish(markdown: dict[str, str]) -> list[str]:

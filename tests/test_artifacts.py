@@ -61,7 +61,8 @@ GATE = {
             "why": "champion m:1 has 0.9500",
         },
     ],
-    "champion": {"model": "m:1", "bento": "s:1"},
+    "task": {"id": "builtin-digits-0123abcd", "source": "builtin:digits", "classes": ["0", "1"]},
+    "champion": {"model": "m:1", "promoted_at": "2026-11-29T01:00:00+00:00", "promoted_by": "Ada <ada@x>"},
 }
 
 
@@ -70,9 +71,21 @@ def test_gate_report_shows_each_check_and_the_champion():
     assert "Decision: **failed**" in md
     assert "| gate.min_accuracy | accuracy | 0.8000 | >= 0.9000 | **FAIL** |" in md
     assert "| gate.max_regression | macro_f1 | 0.9500 | >= 0.9400 (champion m:1 has 0.9500) | pass |" in md
-    assert "`m:1` (Bento `s:1`)" in md
-    assert "No champion" in artifacts.gate_markdown({**GATE, "champion": None})
+    assert "Task: `builtin-digits-0123abcd` (source `builtin:digits`, 2 classes)" in md
+    assert "`m:1`, promoted 2026-11-29T01:00:00+00:00 by Ada <ada@x>" in md
+    assert "this task has none yet" in artifacts.gate_markdown({**GATE, "champion": None})
     assert artifacts.gate_markdown(None) is None
+
+
+def test_champion_report_lists_the_champion_first_then_the_earlier_ones():
+    def entry(model, accuracy):
+        return {"model": model, "metrics": {"accuracy": accuracy}, "promoted_at": "t", "promoted_by": "b", "how": "h"}
+
+    registry = {"latest": "t1", "tasks": {"t1": {"champion": entry("m:2", 0.97), "earlier": [entry("m:1", 0.95)]}}}
+    md = artifacts.champion_markdown(registry)
+    assert md.index("**`m:2`** (champion) | 0.9700") < md.index("| `m:1` | 0.9500")
+    assert "tgm champion rollback" in md
+    assert artifacts.champion_markdown({"latest": None, "tasks": {}}) is None
 
 
 def test_validation_report_lists_reasons_classes_and_problems():

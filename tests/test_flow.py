@@ -64,6 +64,7 @@ def test_flow_runs_only_what_dvc_says_is_stale_and_records_an_experiment(prefect
         "evaluate",
         "gate",
         "package",
+        "promote",
     ]
     assert by_stage["evaluate"]["ran"] == ["evaluate"]
     for stage in ("ingest", "validate", "prepare", "pretrain", "finetune", "probe", "study"):
@@ -80,6 +81,9 @@ def test_flow_runs_only_what_dvc_says_is_stale_and_records_an_experiment(prefect
 
     found = artifacts_of(state)
     assert set(found) >= {"tgm-stages", "tgm-metrics", "tgm-validation", "tgm-gate", "tgm-package"}
+    # evaluate changed the metrics, so the model was packaged anew (with its card) and promoted.
+    assert found["tgm-model-card"].startswith("# Model card: `tgm-classifier:")
+    assert "(champion)" in found["tgm-champion"] and "Task: `builtin-digits-" in found["tgm-gate"]
     assert "| evaluate | ran |" in found["tgm-stages"] and "| ingest | up to date, skipped |" in found["tgm-stages"]
     assert "| accuracy |" in found["tgm-metrics"] and "dvc metrics diff HEAD" in found["tgm-metrics"]
     assert "Validation passed" in found["tgm-validation"]

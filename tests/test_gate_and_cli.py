@@ -11,6 +11,9 @@ from conftest import ROOT, merge, params_of
 
 from tgm.cli import STAGES
 from tgm.gate import GateFailed, gate
+from tgm.registry import Registry, task_of
+
+DIGITS = task_of("builtin:digits", [str(d) for d in range(10)])
 
 
 def write_params(directory, changes: dict) -> None:
@@ -32,20 +35,23 @@ def write_metrics(tmp_path, accuracy, macro_f1):
 def test_gate_passes_a_good_model_and_writes_its_report(tmp_path):
     report = gate(
         params_of("gate", min_accuracy=0.9, min_macro_f1=0.9),
+        DIGITS,
         write_metrics(tmp_path, 0.95, 0.94),
         tmp_path / "gate.json",
-        champion=None,
+        registry=tmp_path / "registry",
     )
     assert report["passed"] and json.loads((tmp_path / "gate.json").read_text())["passed"]
+    assert report["task"] == DIGITS.describe() and report["champion"] is None
 
 
 def test_gate_names_each_failed_check_with_its_value(tmp_path):
     with pytest.raises(GateFailed) as err:
         gate(
             params_of("gate", min_accuracy=0.9, min_macro_f1=0.9),
+            DIGITS,
             write_metrics(tmp_path, 0.85, 0.95),
             tmp_path / "gate.json",
-            champion=None,
+            registry=tmp_path / "registry",
         )
     assert "accuracy = 0.8500" in str(err.value) and "gate.min_accuracy" in str(err.value)
     assert "macro_f1" not in str(err.value)
@@ -57,9 +63,10 @@ def test_gate_names_each_failed_check_with_its_value(tmp_path):
 def test_gate_command_exits_non_zero_when_a_check_fails(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "macro_f1": 0.5}))
+    (tmp_path / "models" / "classifier").mkdir(parents=True)
+    (tmp_path / "models" / "classifier" / "config.json").write_text(json.dumps({"classes": ["a", "b"]}))
     write_params(tmp_path, {"gate": {"min_accuracy": 0.9, "min_macro_f1": 0.9}})
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}  # an empty store: no champion
-    proc = tgm("gate", cwd=tmp_path, env=env)
+    proc = tgm("gate", cwd=tmp_path, env=os.environ)  # no registry/: no champion
     assert proc.returncode == 1
     assert "accuracy = 0.5000 (needs >= 0.9000, gate.min_accuracy)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -96,16 +103,21 @@ def test_a_bad_parameter_stops_the_stage_with_its_key(tmp_path):
     assert "prepare.image_size: Input should be a valid integer (got 'big')" in proc.stderr
 
 
-def champion(accuracy, macro_f1):
-    from tgm.gate import Champion
-
-    return Champion("tgm-classifier:old", "tgm-classifier-service:old", {"accuracy": accuracy, "macro_f1": macro_f1})
+def registry_with_champion(tmp_path, task, accuracy, macro_f1):
+    """registry/ as `promote` leaves it, written directly: these tests need no model behind the entry."""
+    registry = Registry(tmp_path / "registry")
+    champion = {"model": "tgm-classifier:old", "file": "models/x.bentomodel", "how": "pipeline"}
+    champion["metrics"] = {"accuracy": accuracy, "macro_f1": macro_f1}
+    registry.data["tasks"][task.id] = {**task.describe(), "champion": champion, "earlier": [], "log": []}
+    registry.save()
+    return registry.root
 
 
 def test_gate_refuses_a_model_worse_than_the_champion_by_more_than_the_tolerance(tmp_path):
     params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
+    registry = registry_with_champion(tmp_path, DIGITS, 0.95, 0.95)
     with pytest.raises(GateFailed) as err:
-        gate(params, write_metrics(tmp_path, 0.93, 0.95), tmp_path / "gate.json", champion=champion(0.95, 0.95))
+        gate(params, DIGITS, write_metrics(tmp_path, 0.93, 0.95), tmp_path / "gate.json", registry)
     assert "accuracy = 0.9300 (needs >= 0.9400: champion tgm-classifier:old has 0.9500, gate.max_regression)" in str(
         err.value
     )
@@ -116,14 +128,32 @@ def test_gate_refuses_a_model_worse_than_the_champion_by_more_than_the_tolerance
 
 def test_gate_passes_a_model_within_the_tolerance_or_better_than_the_champion(tmp_path):
     params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
-    assert gate(params, write_metrics(tmp_path, 0.945, 0.96), tmp_path / "gate.json", champion=champion(0.95, 0.95))[
-        "passed"
-    ]
-    # No champion yet, or the comparison switched off: only the floors count.
-    assert gate(params, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", champion=None)["passed"]
-    assert gate(
-        params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=None),
-        write_metrics(tmp_path, 0.6, 0.6),
-        tmp_path / "gate.json",
-        champion=champion(0.95, 0.95),
-    )["passed"]
+    registry = registry_with_champion(tmp_path, DIGITS, 0.95, 0.95)
+    assert gate(params, DIGITS, write_metrics(tmp_path, 0.945, 0.96), tmp_path / "gate.json", registry)["passed"]
+    # The comparison switched off: only the floors count.
+    off = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=None)
+    report = gate(off, DIGITS, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
+    assert report["passed"] and report["champion"] is None
+
+
+def test_a_model_of_another_task_is_never_compared_with_this_tasks_champion(tmp_path):
+    params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
+    registry = registry_with_champion(tmp_path, DIGITS, 0.99, 0.99)
+    # Same source, other classes; other source, same classes: both are other tasks, with no champion yet.
+    for other in (task_of("builtin:digits", ["0", "1", "2"]), task_of("folder:data/sources/scans", DIGITS.classes)):
+        assert other.id != DIGITS.id
+        report = gate(params, other, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
+        assert report["passed"] and report["champion"] is None and report["task"]["id"] == other.id
+        assert [c["name"] for c in report["checks"]] == ["min_accuracy", "min_macro_f1"]
+    # A task named in params (gate.task) keeps its champion across a change of source.
+    named = task_of("builtin:digits", DIGITS.classes, name="digits")
+    registry_with_champion(tmp_path, named, 0.99, 0.99)
+    with pytest.raises(GateFailed, match="champion tgm-classifier:old has 0.9900"):
+        elsewhere = task_of("folder:elsewhere", ["x"], name="digits")
+        gate(params, elsewhere, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
+
+
+def test_task_ids_are_stable_and_readable():
+    assert DIGITS == task_of("builtin:digits", [str(d) for d in range(10)])
+    assert DIGITS.id.startswith("builtin-digits-") and len(DIGITS.id) == len("builtin-digits-") + 8
+    assert task_of("folder:data/sources/pets", ["cat", "dog"]).id.startswith("folder-data-sources-pets-")

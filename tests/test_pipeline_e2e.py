@@ -64,7 +64,7 @@ def test_changing_a_finetune_param_reruns_only_finetune_and_downstream(digits_pr
     out = run(["dvc", "repro"], p, timeout=600).stdout
     ran = ran_stages(out)
     # The study may re-run (it shares the finetune.* recipe) but not for the rate: it has its own, study.finetune_lrs.
-    assert "finetune" in ran and set(ran) <= {"finetune", "study", "evaluate", "gate", "package"}, ran
+    assert "finetune" in ran and set(ran) <= {"finetune", "study", "evaluate", "gate", "package", "promote"}, ran
     assert {"ingest", "validate", "prepare", "pretrain"}.isdisjoint(ran)
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], p).stdout)
@@ -80,3 +80,34 @@ def test_same_params_give_the_same_metrics(digits_project, tmp_path):
     before = (p / "metrics/finetune.json").read_text()
     run(["dvc", "repro", "--force", "--single-item", "finetune"], p, timeout=600)
     assert (p / "metrics/finetune.json").read_text() == before
+
+
+def test_dvc_exp_run_shows_step_level_training_curves_and_plots_diff_compares_commits(digits_project):
+    p = digits_project
+    out = run(["dvc", "exp", "run", "-S", "finetune.epochs=3", "-n", "short"], p, timeout=600).stdout
+    assert "Running stage 'finetune'" in out
+
+    exps = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
+    revs = [rev for baseline in exps for exp in baseline.get("experiments") or [] for rev in exp.get("revs") or []]
+    short = next(rev["data"] for rev in revs if rev.get("name") == "short")
+    live = short["metrics"]["dvclive/finetune/metrics.json"]["data"]
+    # One step per batch: 3 epochs of ceil(train images / batch) steps, and the loss logged along the way.
+    train_images = json.loads((p / "data/prepared/meta.json").read_text())["split_sizes"]["train"]
+    assert live["step"] == 3 * -(-train_images // 32) and live["epoch"] == 3
+    assert live["train"]["loss"] > 0 and 0 <= live["val"]["accuracy"] <= 1
+    pretrain = short["metrics"]["dvclive/pretrain/metrics.json"]["data"]
+    assert pretrain["step"] > 0 and pretrain["val"]["bpp"] > 0
+
+    # The experiment made a commit of its own; plots diff compares it with the first run, old plots and new.
+    run(["dvc", "exp", "apply", "short"], p)
+    commit_all(p, "three fine-tuning epochs")
+    diff = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "HEAD", "--json"], p).stdout)
+    curves = [d for d in diff["data"] if d.endswith("dvclive/finetune/plots/metrics/train/loss.tsv")]
+    assert curves, list(diff["data"])
+    points = [row for d in curves for plot in diff["data"][d] for row in plot["content"]["data"]["values"]]
+    assert {row["rev"] for row in points} == {"HEAD~1", "HEAD"}
+    assert max(int(row["step"]) for row in points if row["rev"] == "HEAD") < live["step"] + 1
+    # Today's per-epoch plot definitions (dvc.yaml's titled plots) are still drawn for both commits.
+    epochs = diff["data"]["Fine-tuning (validation)"][0]["content"]["data"]["values"]
+    assert {row["rev"] for row in epochs} == {"HEAD~1", "HEAD"}
+    assert "dvclive/evaluate/plots/sklearn/confusion_matrix.json" in diff["data"]

@@ -249,6 +249,13 @@ def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(bui
         key = {"Authorization": "Bearer s3cret"}
         meta = httpx.get(f"{url}/metadata", headers=key, timeout=10)
         assert meta.status_code == 200 and meta.json()["model"] == bento["model_tag"]
+        assert meta.json()["task"]["source"] == "builtin:digits"
+        # The model card travels inside the model: the same page package wrote into reports/.
+        assert httpx.get(f"{url}/model_card", timeout=10).status_code == 401
+        card = httpx.get(f"{url}/model_card", headers=key, timeout=10)
+        assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown")
+        assert card.text == (built_project / "reports/model_card.md").read_text()
+        assert card.text.startswith(f"# Model card: `{bento['model_tag']}`")
         typical = next(
             p
             for p in images

@@ -177,3 +177,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, digit
     assert m1 == m2
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert not checkpoint.exists()  # a finished run cleans up after itself
+    # The live curves too: the steps between the checkpoint and the kill are logged once, not twice.
+    for curve in ("train/loss.tsv", "val/bpp.tsv", "epoch.tsv"):
+        live = Path("dvclive/pretrain/plots/metrics") / curve
+        assert (crashy / live).read_text() == (steady / live).read_text(), curve

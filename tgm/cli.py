@@ -64,11 +64,12 @@ STAGES = {
         plots/completions.png (top halves given, bottom halves sampled by the pretrained model).""",
     ),
     "gate": (
-        "Check the metrics against the floors and the champion; exit non-zero when a check fails.",
-        """Check the evaluation metrics against the gate.* floors and against the champion (the model
-        the newest Bento serves, metrics from its BentoML metadata; worse by more than gate.max_regression
-        fails); write reports/gate.json and exit non-zero naming each failed check, so that package does
-        not run.""",
+        "Check the metrics against the floors and the task's champion; exit non-zero when a check fails.",
+        """Check the evaluation metrics against the gate.* floors and against the champion of the same task
+        (same data source and class names, or gate.task), as recorded in registry/champions.json; worse by
+        more than gate.max_regression fails. A task without a champion is checked against the floors alone.
+        Writes reports/gate.json (the task, the champion, every check) and exits non-zero naming each failed
+        check, so that package does not run.""",
     ),
     "drift": (
         "Score a folder of new images against the training distribution; exit non-zero on drift.",
@@ -83,7 +84,15 @@ STAGES = {
         "Save the gated classifier to the BentoML store and build a Bento.",
         """Save the gated classifier to the BentoML model store (package.model_name) with its
         metrics, params, git commit and data hash as metadata, build a Bento from bentofile.yaml and
-        write reports/package.json.""",
+        write reports/package.json and reports/model_card.md (also inside the model, and served at
+        GET /model_card).""",
+    ),
+    "promote": (
+        "Make the packaged model its task's champion in registry/ (versioned by DVC).",
+        """Make the model package just saved (it passed the gate) the champion of its task: export it from
+        the BentoML store into registry/models/, record who, when, which commit or DVC experiment and its
+        metrics in registry/champions.json. `dvc push` shares it; on another clone `dvc pull` restores it for
+        the gate and for `bentoml serve`. See `tgm champion --help` to list, promote by hand or roll back.""",
     ),
 }
 
@@ -100,6 +109,7 @@ STAGE_MODULES = {
     "evaluate": "tgm.evaluate",
     "gate": "tgm.gate",
     "package": "tgm.package",
+    "promote": "tgm.registry",
     "drift": "tgm.drift",  # not a DVC stage
 }
 
@@ -122,11 +132,23 @@ def run_stage(stage: str, params_path: str, folder: str | None = None) -> None:
         "probe": lambda: module.probe(p.probe),
         "study": lambda: module.study(p.study, p.finetune),
         "evaluate": lambda: module.evaluate(p.evaluate),
-        "gate": lambda: module.gate(p.gate, model_name=p.package.model_name),
+        "gate": lambda: module.gate(p.gate, module.task_for(p.ingest.source, p.gate.task)),
         "package": lambda: module.package(p, params_path=params_path),
+        "promote": lambda: module.promote(),
         "drift": lambda: module.drift(p.drift, max_pixels=p.validate.max_pixels),
     }
     calls[stage]()
+
+
+CHAMPION_HELP = """\
+The champion of each task lives in registry/ (see `tgm promote --help`).
+
+  tgm champion show                       each task, its champion, when and by whom it was promoted
+  tgm champion promote tgm-classifier:V   make a gated model in the BentoML store its task's champion
+  tgm champion rollback [--task T]        make the previous champion the champion again
+
+promote and rollback record the change in dvc.lock (`dvc commit promote`); then
+`git commit dvc.lock && dvc push && git push` shares it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
         sp.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub.choices["drift"].add_argument("--folder", help="the folder of new images (default: drift.folder)")
+    champion = sub.add_parser(
+        "champion",
+        help="List the champion of each task, promote a packaged model by hand, or roll back.",
+        description=CHAMPION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    champion.add_argument("action", choices=("show", "promote", "rollback"))
+    champion.add_argument("model", nargs="?", help="promote: the model tag in the BentoML store (name:version)")
+    champion.add_argument("--task", help="rollback: the task (default: the task changed last)")
+    champion.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
 
@@ -156,7 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     from tgm.errors import UserError
 
     try:
-        run_stage(args.stage, args.params, getattr(args, "folder", None))
+        if args.stage == "champion":
+            import importlib
+
+            # Imported by name, like the stages' modules: no stage's command runs the registry's, so no stage
+            # depends on it through cli.py (tests/test_dvc_deps.py reads static imports).
+            registry = importlib.import_module("tgm.registry")
+            print(registry.champion_command(args.action, args.model, args.task))
+        else:
+            run_stage(args.stage, args.params, getattr(args, "folder", None))
     except UserError as exc:
         print(f"tgm {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -12,6 +12,7 @@ import torch
 from tgm.errors import EmptySplit
 from tgm.inference import predict_proba
 from tgm.io import read_json, write_json
+from tgm.live import log_evaluation
 from tgm.model import TGM, load_model
 from tgm.params import EvaluateParams
 from tgm.prepare import load_split
@@ -94,6 +95,7 @@ def evaluate(
     confusion_path: str | Path = "plots/confusion.csv",
     completions_path: str | Path = "plots/completions.png",
     typicality_path: str | Path = "reports/typicality.json",
+    live_dir: str | Path = "dvclive/evaluate",
 ) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
@@ -132,10 +134,10 @@ def evaluate(
     typicality.save(typicality_path)
 
     Path(confusion_path).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in pred]}).to_csv(
-        confusion_path, index=False
-    )
+    actual, predicted = [classes[i] for i in labels], [classes[i] for i in pred]
+    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(confusion_path, index=False)
     completion_grid(pretrained, spec, tokens, labels, classes, params, Path(completions_path))
+    log_evaluation(live_dir, actual, predicted, completions_path)
     write_json(metrics_path, metrics)
     svm = f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else ""
     log.info("evaluate: accuracy %.4f, macro-F1 %.4f%s", metrics["accuracy"], metrics["macro_f1"], svm)

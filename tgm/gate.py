@@ -1,8 +1,9 @@
-"""gate: decide whether the evaluated classifier may be packaged, and so become the served champion.
+"""gate: decide whether the evaluated classifier may be packaged, and so become its task's champion.
 
 Two kinds of check: absolute floors (gate.min_accuracy, gate.min_macro_f1), and no regression against the
-champion - the model the newest Bento serves, whose metrics `tgm package` stored in its BentoML metadata - by
-more than gate.max_regression. Only a model that passes is packaged, so only it can become the next champion.
+champion of the same task - the model registry/ says serves it (tgm.registry), with the metrics recorded when
+it was promoted - by more than gate.max_regression. A model of another task (other classes, another data
+source, another champion.task) is never compared with: a new task has no champion until its first model passes.
 
 The report is written whether the gate passes or not; a failure raises GateFailed, so `tgm gate` exits
 non-zero and DVC does not run `package`.
@@ -15,11 +16,10 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from tgm.errors import UserError
 from tgm.io import read_json, write_json
 from tgm.params import GateParams
+from tgm.registry import REGISTRY, Registry, Task, task_for  # noqa: F401  (task_for: `tgm gate`)
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class GateFailed(UserError):
 @dataclass(frozen=True)
 class Champion:
     model: str  # BentoML model tag
-    bento: str | None  # the Bento serving it (None when only a model was packaged)
     metrics: dict
+    promoted_at: str | None = None
+    promoted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,44 +56,12 @@ class Check:
         return f"{self.metric} = {self.value:.4f} (needs {self.op} {self.threshold:.4f}{because}, gate.{self.name})"
 
 
-def bento_name(bentofile: str | Path = "bentofile.yaml", default: str = "tgm-classifier-service") -> str:
-    try:
-        return (yaml.safe_load(Path(bentofile).read_text()) or {}).get("name") or default
-    except (OSError, yaml.YAMLError):
-        return default
-
-
-def find_champion(model_name: str, bento: str) -> Champion | None:
-    """The model the newest `bento` Bento serves, else the newest gated `model_name` model; None if neither.
-
-    Looked up in the local BentoML store (BENTOML_HOME), which DVC does not track: see dvc.yaml's gate stage.
-    """
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        bentos = bentoml.bentos.list(bento)
-    except NotFound:
-        bentos = []
-    for b in sorted(bentos, key=lambda b: b.info.creation_time, reverse=True):
-        tags = [m.tag for s in b.info.services for m in s.models if m.tag.name == model_name]
-        tags += [m.tag for m in b.info.models if m.tag.name == model_name]
-        if not tags:
-            continue
-        try:
-            model = bentoml.models.get(tags[0])
-        except NotFound:
-            log.warning("gate: Bento %s serves %s, which is not in the model store; looking further", b.tag, tags[0])
-            continue
-        return Champion(str(model.tag), str(b.tag), dict(model.info.metadata.get("metrics", {})))
-    try:
-        models = [m for m in bentoml.models.list(model_name) if m.info.labels.get("gate") == "passed"]
-    except NotFound:
-        models = []
-    if models:
-        model = max(models, key=lambda m: m.info.creation_time)
-        return Champion(str(model.tag), None, dict(model.info.metadata.get("metrics", {})))
-    return None
+def find_champion(task: Task, registry: str | Path = REGISTRY) -> Champion | None:
+    """`task`'s champion in the registry (restored by `dvc pull` on any clone); None for a task without one."""
+    entry = Registry(registry).champion(task.id)
+    if entry is None:
+        return None
+    return Champion(entry["model"], dict(entry["metrics"]), entry.get("promoted_at"), entry.get("promoted_by"))
 
 
 def gate_checks(params: GateParams, metrics: dict, champion: Champion | None = None) -> list[Check]:
@@ -117,19 +86,15 @@ def gate_checks(params: GateParams, metrics: dict, champion: Champion | None = N
     return checks
 
 
-_LOOK_UP = object()
-
-
 def gate(
     params: GateParams,
+    task: Task,
     metrics_path: str | Path = "metrics/evaluate.json",
     report_path: str | Path = "reports/gate.json",
-    champion: Champion | None | object = _LOOK_UP,
-    model_name: str = "tgm-classifier",
+    registry: str | Path = REGISTRY,
 ) -> dict:
-    """Check the metrics; `champion` defaults to the one in the BentoML store (None: compare with nothing)."""
-    if champion is _LOOK_UP:
-        champion = find_champion(model_name, bento_name()) if params.max_regression is not None else None
+    """Check the metrics against the floors and, unless gate.max_regression is null, `task`'s champion."""
+    champion = find_champion(task, registry) if params.max_regression is not None else None
     checks = gate_checks(params, read_json(metrics_path), champion)
     failed = [c for c in checks if not c.passed]
     report = {
@@ -146,13 +111,19 @@ def gate(
             }
             for c in checks
         ],
+        "task": task.describe(),
         "champion": None
         if champion is None
-        else {"model": champion.model, "bento": champion.bento, **{m: champion.metrics.get(m) for m in COMPARED}},
+        else {
+            "model": champion.model,
+            "promoted_at": champion.promoted_at,
+            "promoted_by": champion.promoted_by,
+            **{m: champion.metrics.get(m) for m in COMPARED},
+        },
     }
     write_json(report_path, report)
     if champion is None and params.max_regression is not None:
-        log.info("gate: no champion in the BentoML store yet; nothing to compare with")
+        log.info("gate: task %s has no champion yet; nothing to compare with", task.id)
     for c in checks:
         log.info("gate: %s %s", "PASS" if c.passed else "FAIL", c.describe())
     if failed:

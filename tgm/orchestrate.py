@@ -233,7 +233,9 @@ def save_experiment(workdir: str | Path, name: str, message: str, stages: list[s
     # in-process (not `dvc exp save` in a subprocess) saves a second of start-up on every run.
     with contextlib.chdir(workdir), Repo(".") as repo:
         try:
-            untracked = [p for p in repo.scm.untracked_files() if p.split("/")[0] in ("metrics", "plots", "reports")]
+            untracked = [
+                p for p in repo.scm.untracked_files() if p.split("/")[0] in ("metrics", "plots", "reports", "dvclive")
+            ]
         except NoSCMError:
             raise RuntimeError(f"{workdir} is not a git repository: DVC experiments need git") from None
         repo.experiments.save(

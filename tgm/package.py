@@ -1,32 +1,23 @@
-"""package: put the gated classifier into the BentoML model store and build a Bento around it."""
+"""package: put the gated classifier into the BentoML model store, with its model card, and build a Bento."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from tgm.errors import UserError
-from tgm.io import read_json, write_json
+from tgm.io import read_json, write_json, write_text
+from tgm.model_card import FILE as CARD_FILE
+from tgm.model_card import model_card
 from tgm.params import Params
+from tgm.registry import git_commit
 from tgm.typicality import FILE as TYPICALITY_FILE
 from tgm.typicality import Typicality
 
 log = logging.getLogger(__name__)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        ).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def prepared_data_hash(lock_path: str | Path = "dvc.lock", out: str = "data/prepared") -> str:
@@ -55,6 +46,7 @@ def package(
     gate_report: str | Path = "reports/gate.json",
     report_path: str | Path = "reports/package.json",
     typicality_path: str | Path = "reports/typicality.json",
+    card_path: str | Path = "reports/model_card.md",
 ) -> dict:
     import bentoml
 
@@ -62,23 +54,27 @@ def package(
     if not report.get("passed"):
         raise UserError(f"package: {gate_report} says the gate failed; refusing to package")
     config = read_json(Path(classifier_dir) / "config.json")
+    commit, data_hash = git_commit(), prepared_data_hash()
     metadata = {
+        "task": report["task"],
         "metrics": read_json("metrics/evaluate.json"),
         "params": _without_nulls(params.model_dump()),
-        "git_commit": git_commit(),
-        "data_hash": prepared_data_hash(),
+        "git_commit": commit,
+        "data_hash": data_hash,
         "classes": config["classes"],
         "model": config["model"],
         "preprocess": read_json(Path(classifier_dir) / "preprocess.json"),
         "typicality": Typicality.load(typicality_path).describe(),
     }
-    with bentoml.models.create(
-        params.package.model_name, metadata=metadata, labels={"project": "t-gm", "gate": "passed"}
-    ) as model_ref:
+    labels = {"project": "t-gm", "gate": "passed", "task": report["task"]["id"]}
+    with bentoml.models.create(params.package.model_name, metadata=metadata, labels=labels) as model_ref:
         for f in Path(classifier_dir).iterdir():
             shutil.copy2(f, Path(model_ref.path) / f.name)
         # The service's typical range of bits per pixel, calibrated by evaluate on the validation split.
         shutil.copy2(typicality_path, Path(model_ref.path) / TYPICALITY_FILE)
+        card = model_card(str(model_ref.tag), report["task"], params.model_dump(), commit, data_hash, report)
+        (Path(model_ref.path) / CARD_FILE).write_text(card)
+    write_text(card_path, card)
     log.info("package: saved %s", model_ref.tag)
     result = {"model_tag": str(model_ref.tag), "bento_tag": None}
     if params.package.build_bento:

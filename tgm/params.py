@@ -189,6 +189,9 @@ class GateParams(Group):
     min_accuracy: Fraction
     min_macro_f1: Fraction
     max_regression: Fraction | None = Field(description="null: no comparison with the champion")
+    task: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = Field(
+        description="the task champions are kept under (letters, digits, . _ -); null: the data source and classes"
+    )
 
 
 class PackageParams(Group):

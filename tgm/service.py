@@ -7,7 +7,9 @@ at a time, in a worker thread, so the event loop keeps taking requests meanwhile
 machine: TGM_WORKERS processes (default 1), each a full copy of the model with TGM_TORCH_THREADS threads.
 
 Which model: a built Bento serves the version it was built with (a Bento argument set by `tgm package`);
-`bentoml serve` in the project root serves TGM_MODEL or the newest `tgm-classifier`.
+`bentoml serve` in the project root serves TGM_MODEL, else the champion in registry/ (of TGM_TASK, else of the
+task promoted last; imported into the BentoML store from its DVC-tracked export if missing, so a fresh clone
+serves it after `dvc pull` alone), else the newest `tgm-classifier`. GET /model_card is the model's card.
 
 Limits (environment, read at start): TGM_MAX_REQUEST_BYTES (default 10 MiB), TGM_MAX_HEADER_BYTES (all
 request headers together, default 64 KiB), TGM_MAX_PIXELS (decompression
@@ -34,13 +36,14 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import Counter, Histogram
 from pydantic import Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from tgm.batching import MicroBatcher, Overloaded
 from tgm.http_guards import LimitsAndAuth, strict_multipart
 from tgm.images import InvalidImage, open_image
 from tgm.inference import answer
 from tgm.model import load_config
+from tgm.model_card import FILE as CARD_FILE
 from tgm.preprocess import PreprocessSpec, completion_tiles, image_to_tokens
 from tgm.typicality import FILE as TYPICALITY_FILE
 from tgm.typicality import Typicality
@@ -54,7 +57,17 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"{name}={value!r} is not an integer") from None
 
 
-MODEL = getattr(bentoml.use_arguments(), "model", None) or os.environ.get("TGM_MODEL", "tgm-classifier:latest")
+def _model_to_serve() -> str:
+    chosen = getattr(bentoml.use_arguments(), "model", None) or os.environ.get("TGM_MODEL")
+    if chosen:
+        return chosen
+    from tgm.registry import REGISTRY, served_model
+
+    registry = Path(os.environ.get("TGM_REGISTRY", REGISTRY))
+    return served_model(registry, os.environ.get("TGM_TASK") or None) or "tgm-classifier:latest"
+
+
+MODEL = _model_to_serve()
 MAX_BATCH_SIZE = _env_int("TGM_MAX_BATCH_SIZE", 32)
 MAX_LATENCY_MS = _env_int("TGM_MAX_LATENCY_MS", 5000)
 MAX_REQUEST_BYTES = _env_int("TGM_MAX_REQUEST_BYTES", 10 * 1024 * 1024)
@@ -150,8 +163,11 @@ class TGMClassifier:
         calibration = Path(path) / TYPICALITY_FILE
         self.typicality = Typicality.load(calibration) if calibration.exists() else None
         info = self.bento_model.info.metadata or {}
+        card = Path(path) / CARD_FILE
+        self.card = card.read_text() if card.exists() else None  # models packaged before cards existed have none
         self.about = {
             "model": str(self.bento_model.tag),
+            "task": info.get("task"),
             "classes": self.classes,
             "image_size": self.spec.image_size,
             "palette_size": self.spec.palette_size,
@@ -216,6 +232,13 @@ class TGMClassifier:
     def metadata(self) -> dict:
         """Which model answers: tag, classes, image and palette size, metrics, params, git commit, data hash."""
         return self.about
+
+    @http.get("/model_card")
+    def model_card(self) -> Response:
+        """The model card (markdown): intended use, training data, metrics, label efficiency, limits, provenance."""
+        if self.card is None:
+            return JSONResponse({"error": "no_model_card", "detail": f"{self.about['model']} has none"}, 404)
+        return Response(self.card, media_type="text/markdown; charset=utf-8")
 
     @bentoml.api
     async def classify(self, image: Path) -> dict:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from tgm.errors import DeviceUnavailable, TrainingDiverged
 from tgm.io import atomic_dir, atomic_file, write_json
+from tgm.live import LiveCurves
 from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
 
@@ -268,6 +269,7 @@ class Progress:
     bad_epochs: int = 0  # epochs since `best` last improved
     stopped: bool = False
     epoch_order_rng: torch.Tensor | None = None  # the order generator at the start of `epoch`
+    curve_loss: tuple[float, int] = (0.0, 0)  # (summed loss, images) not yet drawn in the live curve
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: no copy of best_state
@@ -286,6 +288,7 @@ class Run:
     lambda_gen: float
     dist: Dist
     checkpointer: Checkpointer | None
+    curves: LiveCurves | None  # step-level curves (main process only)
     tokens: torch.Tensor
     labels: torch.Tensor
     pool: torch.Tensor | None  # unlabelled images mixed into each batch (classify only)
@@ -306,7 +309,7 @@ class Run:
         return "gen_loss" if self.objective == "generative" else "cls_loss"
 
 
-def _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled) -> Run:
+def _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves) -> Run:
     total = math.ceil(len(train[0]) / params.batch_size) * params.epochs
     warmup = max(1, int(total * params.warmup_fraction))
     opt = make_optimizer(model, params)
@@ -330,6 +333,7 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         lambda_gen=lambda_gen,
         dist=dist,
         checkpointer=checkpointer,
+        curves=curves if dist.is_main else None,
         tokens=torch.from_numpy(train[0]),
         labels=torch.from_numpy(train[1]),
         pool=torch.from_numpy(unlabelled) if unlabelled is not None and len(unlabelled) else None,
@@ -460,6 +464,8 @@ def _train_epoch(run: Run, progress: Progress) -> None:
         progress.seen += int(loss_sum[1])
         progress.step += 1
         progress.batch = b + 1
+        if run.curves:
+            run.curves.step(progress, loss_sum)
         bar.update(1)
         bar.set_postfix(
             loss=f"{progress.run_loss / max(1, progress.seen):.4f}",
@@ -481,6 +487,8 @@ def _end_epoch(run: Run, progress: Progress, val, epoch_time: float, tokens_per_
         if objective == "classify":
             row.update(val_accuracy=val_metrics["accuracy"], val_cls_loss=val_metrics["cls_loss"])
     progress.history.append(row)
+    if run.curves:
+        run.curves.epoch(progress, row)
     if run.dist.is_main and (val is not None or epoch == run.params.epochs):
         _log_epoch(run, row, tokens_per_s, epoch_time * (run.params.epochs - epoch))
     watched = val_metrics[run.monitor] if val is not None else row["train_loss"]
@@ -530,6 +538,7 @@ def fit(
     dist: Dist = Dist(),
     restore_best: bool = True,
     unlabelled: np.ndarray | None = None,
+    curves: LiveCurves | None = None,
 ) -> tuple[list[dict], int]:
     """Train in place; on return the model holds the weights of its best validation epoch (or, without
     restore_best, of its last step: a fixed budget that never looks at validation labels). Without `val`,
@@ -538,10 +547,14 @@ def fit(
     `unlabelled` (classify only): images without labels. Each step adds as many of them, drawn at random, as
     it has labelled images; they count in the next-pixel loss only (iGPT's joint loss over the unlabelled pool).
 
+    `curves`: where to log step-level training curves while training (dvclive).
+
     Returns the per-epoch history and the number of the epoch whose weights were kept.
     """
-    run = _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled)
+    run = _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves)
     progress = _resume(run)
+    if run.curves:
+        run.curves.start(progress.step)
     start, speeds, seq_len = time.perf_counter(), [], train[0].shape[1]
     while progress.epoch <= params.epochs and not progress.stopped:
         t0, seen_at_start = time.perf_counter(), progress.seen
@@ -587,6 +600,7 @@ def pretrain(
     metrics_path: str | Path = "metrics/pretrain.json",
     curve_path: str | Path = "plots/pretrain_curve.csv",
     checkpoint_dir: str | Path = "checkpoints/pretrain",
+    live_dir: str | Path = "dvclive/pretrain",
 ) -> dict | None:
     """Returns the metrics on rank 0 (None on the other torchrun ranks, which write nothing)."""
     seed_everything(params.seed)
@@ -608,7 +622,9 @@ def pretrain(
         Checkpointer.fingerprint_of("generative", params.model_dump(), asdict(cfg), train[0]),
         params.checkpoint_every,
     )
-    history, best_epoch = fit(model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist)
+    history, best_epoch = fit(
+        model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist, curves=LiveCurves(live_dir)
+    )
     metrics = None
     if dist.is_main:
         best = history[best_epoch - 1]
@@ -637,6 +653,7 @@ def finetune(
     metrics_path: str | Path = "metrics/finetune.json",
     curve_path: str | Path = "plots/finetune_curve.csv",
     checkpoint_dir: str | Path = "checkpoints/finetune",
+    live_dir: str | Path = "dvclive/finetune",
 ) -> dict | None:
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
@@ -652,7 +669,16 @@ def finetune(
         params.checkpoint_every,
     )
     history, best_epoch = fit(
-        model, train, val, params, "classify", device, lambda_gen=params.lambda_gen, checkpointer=ckpt, dist=dist
+        model,
+        train,
+        val,
+        params,
+        "classify",
+        device,
+        lambda_gen=params.lambda_gen,
+        checkpointer=ckpt,
+        dist=dist,
+        curves=LiveCurves(live_dir),
     )
     metrics = None
     if dist.is_main:
