@@ -75,6 +75,15 @@ def test_a_worse_model_never_replaces_the_champion_and_a_rollback_is_one_command
     failed = run(["tgm", "champion", "rollback"], project, check=False)
     assert failed.returncode == 1 and "has no earlier champion" in failed.stderr
 
+    # Promote by hand: any model packaged after passing the gate, recorded like the pipeline's promotions.
+    proc = run(["tgm", "champion", "promote", second], project)
+    assert f"{second} is the champion of {task}" in proc.stdout
+    entry = registry(project)["tasks"][task]
+    assert entry["champion"]["model"] == second and entry["champion"]["how"] == "by hand"
+    assert "promote" not in run(["dvc", "status", "promote"], project).stdout
+    unknown = run(["tgm", "champion", "promote", "tgm-classifier:nosuchversion"], project, check=False)
+    assert unknown.returncode == 1 and "is not in the BentoML store" in unknown.stderr
+
 
 def write_words_source(project, n_classes=3):
     """scikit-learn's 8x8 digits 0-2 as PNG folders named by word: other classes, another task."""
