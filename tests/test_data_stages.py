@@ -1,6 +1,7 @@
 """ingest -> validate -> prepare on real images: every file accounted for, splits that cannot leak."""
 
 import io
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,40 @@ def test_prepare_refuses_an_accepted_manifest_holding_a_picture_twice(tmp_path):
     with pytest.raises(DataContractError, match="sha256"):
         prepare(params_of("prepare", image_size=6, palette_size=8), validated, raw, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_outputs_are_byte_for_byte_the_same_with_one_or_two_workers(tmp_path, monkeypatch):
+    """Enough files for several chunks, colour and grey, with broken ones: every output file is identical."""
+    from tgm.parallel import CHUNK
+
+    root = make_folder(tmp_path / "src", classes=("cat", "dog", "fox"), per_class=CHUNK // 2 + 7, rgb=True)
+    (root / "dog" / "empty.png").write_bytes(b"")
+    (root / "fox" / "notes.txt").write_text("not an image")
+    (root / "cat" / "cut.png").write_bytes((root / "cat" / "cat 0.png").read_bytes()[:40])
+    outputs = {}
+    work = tmp_path / "work"  # the same place both times: messages and reports name paths in it
+    for workers in ("1", "2"):
+        monkeypatch.setenv("TGM_DATA_WORKERS", workers)
+        shutil.rmtree(work, ignore_errors=True)
+        run_stages(work, f"folder:{root}", prepare_params=params_of("prepare", image_size=6, palette_size=8))
+        outputs[workers] = {
+            p.relative_to(work).as_posix(): p.read_bytes()
+            for p in sorted(work.rglob("*"))
+            if p.is_file() and "docs" not in p.relative_to(work).parts  # GX Data Docs carry run ids and times
+        }
+    assert sum(k.startswith("raw/images/") for k in outputs["1"]) > CHUNK  # more than one chunk of files
+    assert outputs["1"].keys() == outputs["2"].keys()
+    different = [k for k in outputs["1"] if outputs["1"][k] != outputs["2"][k]]
+    assert not different, different[:5]
+
+
+def test_a_bad_worker_count_is_a_clear_error(monkeypatch):
+    from tgm.errors import UserError
+    from tgm.parallel import map_in_order
+
+    monkeypatch.setenv("TGM_DATA_WORKERS", "many")
+    with pytest.raises(UserError, match="TGM_DATA_WORKERS='many' is not an integer"):
+        map_in_order(str, range(3))
+    monkeypatch.setenv("TGM_DATA_WORKERS", "0")
+    with pytest.raises(UserError, match="must be at least 1"):
+        map_in_order(str, range(3))

@@ -6,6 +6,7 @@ Ingest never judges: each file found is copied byte for byte and listed, decodab
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -19,6 +20,7 @@ from PIL import Image
 
 from tgm.errors import SourceMissing
 from tgm.io import atomic_dir, sha256_file, write_json
+from tgm.parallel import map_in_order
 from tgm.params import IngestParams
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,30 @@ def probe(path: Path) -> dict:
         return {"format": "", "width": -1, "height": -1, "mode": ""}
 
 
+def ingest_one(img: SourceImage, out_dir: Path, source: str) -> dict:
+    """Bring one file into `out_dir/images/<label>/...` and return its manifest row."""
+    rel = Path("images") / (img.label or "_unlabelled") / img.name
+    dest = out_dir / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    entry = "file"
+    if img.data is not None:
+        dest.write_bytes(img.data)
+    elif img.source_path.is_symlink() or not img.source_path.is_file():
+        entry = "symlink" if img.source_path.is_symlink() else "special"
+        dest.write_bytes(b"")  # placeholder keeps the entry accounted for; validate rejects it
+    else:
+        shutil.copyfile(img.source_path, dest)
+    return {
+        "path": rel.as_posix(),
+        "label": img.label,
+        "entry": entry,
+        "sha256": sha256_file(dest),
+        "size_bytes": dest.stat().st_size,
+        **probe(dest),
+        "source": str(img.source_path) if img.source_path else source,
+    }
+
+
 def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFrame:
     """Copy the source into `out_dir/images/<label>/...` and write `out_dir/manifest.csv`."""
     kind, _, arg = params.source.partition(":")
@@ -100,31 +126,8 @@ def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFra
         images, empty_folders = folder_images(Path(arg).expanduser())
         _warn_if_unwatched(Path(arg))
     out_dir = Path(out_dir)
-    rows = []
     with atomic_dir(out_dir) as tmp:
-        for img in images:
-            rel = Path("images") / (img.label or "_unlabelled") / img.name
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            entry = "file"
-            if img.data is not None:
-                dest.write_bytes(img.data)
-            elif img.source_path.is_symlink() or not img.source_path.is_file():
-                entry = "symlink" if img.source_path.is_symlink() else "special"
-                dest.write_bytes(b"")  # placeholder keeps the entry accounted for; validate rejects it
-            else:
-                shutil.copyfile(img.source_path, dest)
-            rows.append(
-                {
-                    "path": rel.as_posix(),
-                    "label": img.label,
-                    "entry": entry,
-                    "sha256": sha256_file(dest),
-                    "size_bytes": dest.stat().st_size,
-                    **probe(dest),
-                    "source": str(img.source_path) if img.source_path else params.source,
-                }
-            )
+        rows = map_in_order(functools.partial(ingest_one, out_dir=tmp, source=params.source), images)
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         write_json(

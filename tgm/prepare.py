@@ -6,6 +6,7 @@ Splits are stratified by class and drawn with `prepare.seed`; the accepted manif
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 from tgm import schemas
 from tgm.io import atomic_dir, read_json, write_json
+from tgm.parallel import map_in_order
 from tgm.params import PrepareParams
 from tgm.preprocess import PreprocessSpec, fit_palette, image_pixels, quantize_to_palette
 
@@ -77,17 +79,24 @@ def split_table(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFrame:
     return schemas.check(schemas.SplitTable, table, "split table")
 
 
+def image_facts(path: Path, image_size: int, color_mode: str) -> tuple[bool, dict[str, np.ndarray]]:
+    """Whether the image looks grey, and its resized pixels in `color_mode` (both modes when it is "auto")."""
+    with Image.open(path) as im:
+        im.load()
+        modes = ("grey", "rgb") if color_mode == "auto" else (color_mode,)
+        return looks_grey(im), {m: image_pixels(im, image_size, m) for m in modes}
+
+
 def read_pixels(table: pd.DataFrame, raw_dir: Path, params: PrepareParams) -> tuple[np.ndarray, str]:
     """Every image resized, as (N, T, C) pixels, and the colour mode (`auto` decided from the images)."""
-    images = []
-    for path in table["path"]:
-        with Image.open(raw_dir / path) as im:
-            im.load()
-            images.append(im.copy())
+    facts = map_in_order(
+        functools.partial(image_facts, image_size=params.image_size, color_mode=params.color_mode),
+        [raw_dir / path for path in table["path"]],
+    )
     color_mode = params.color_mode
     if color_mode == "auto":
-        color_mode = "grey" if all(looks_grey(im) for im in images) else "rgb"
-    return np.stack([image_pixels(im, params.image_size, color_mode) for im in images]), color_mode
+        color_mode = "grey" if all(grey for grey, _ in facts) else "rgb"
+    return np.stack([pixels[color_mode] for _, pixels in facts]), color_mode
 
 
 def fit_spec(pixels: np.ndarray, is_train: np.ndarray, color_mode: str, params: PrepareParams) -> PreprocessSpec:

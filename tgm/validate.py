@@ -8,6 +8,7 @@ is unusable: too large a share rejected, a class below its minimum, or fewer tha
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -23,6 +24,7 @@ from tgm import schemas
 from tgm.errors import UserError
 from tgm.images import InvalidImage, open_image
 from tgm.io import read_json, write_json
+from tgm.parallel import map_in_order
 from tgm.params import ValidateParams
 from tgm.preprocess import resize_square, to_color_mode
 
@@ -84,7 +86,8 @@ def inspect_file(path: Path, max_pixels: int) -> dict:
 
 
 def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidateParams) -> pd.DataFrame:
-    rows = [inspect_file(raw_dir / p, params.max_pixels) for p in manifest["path"]]
+    inspect = functools.partial(inspect_file, max_pixels=params.max_pixels)
+    rows = map_in_order(inspect, [raw_dir / p for p in manifest["path"]])
     info = pd.DataFrame(rows, index=manifest.index)
     df = manifest.drop(columns=["format", "width", "height", "mode"]).join(info)
     df["label"] = df["label"].replace("", None)
