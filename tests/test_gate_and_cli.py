@@ -157,3 +157,13 @@ def test_task_ids_are_stable_and_readable():
     assert DIGITS == task_of("builtin:digits", [str(d) for d in range(10)])
     assert DIGITS.id.startswith("builtin-digits-") and len(DIGITS.id) == len("builtin-digits-") + 8
     assert task_of("folder:data/sources/pets", ["cat", "dog"]).id.startswith("folder-data-sources-pets-")
+
+
+def test_a_damaged_registry_is_a_clear_error_not_a_traceback(tmp_path):
+    from tgm.registry import RegistryError
+
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "champions.json").write_text('{"latest": ')
+    params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
+    with pytest.raises(RegistryError, match="champions.json is not valid JSON .*dvc checkout registry"):
+        gate(params, DIGITS, write_metrics(tmp_path, 0.9, 0.9), tmp_path / "gate.json", tmp_path / "registry")

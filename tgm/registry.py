@@ -107,7 +107,14 @@ class Registry:
     def __init__(self, root: str | Path = REGISTRY):
         self.root = Path(root)
         self.index_path = self.root / INDEX
-        self.data = read_json(self.index_path) if self.index_path.exists() else {"latest": None, "tasks": {}}
+        self.data = {"latest": None, "tasks": {}}
+        if self.index_path.exists():
+            try:
+                self.data = read_json(self.index_path)
+            except ValueError as exc:
+                raise RegistryError(
+                    f"{self.index_path} is not valid JSON ({exc}); `dvc checkout registry` restores the recorded one"
+                ) from None
 
     def champion(self, task_id: str) -> dict | None:
         return self.data["tasks"].get(task_id, {}).get("champion")
