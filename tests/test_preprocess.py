@@ -80,3 +80,13 @@ def test_spec_round_trips_through_its_files(tmp_path):
 def test_every_common_mode_yields_tokens(mode):
     img = Image.new(mode, (10, 7))
     assert image_to_tokens(img, grey_spec()).shape == (16,)
+
+
+def test_quantising_in_chunks_gives_the_tokens_of_one_pass():
+    """Past the chunk size (2**24 distances), rows are quantised a chunk at a time: same tokens as in one go."""
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (4096, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (2**24 // 4096 * 2 + 5, 3), dtype=np.uint8)  # two chunks and a bit
+    c = palette.astype(np.float32)
+    one_pass = ((c * c).sum(1)[None, :] - 2.0 * pixels.astype(np.float32) @ c.T).argmin(1)
+    assert np.array_equal(quantize_to_palette(pixels, palette), one_pass)
