@@ -3,7 +3,7 @@
 Two kinds of check: absolute floors (gate.min_accuracy, gate.min_macro_f1), and no regression against the
 champion of the same task - the model registry/ says serves it (tgm.registry), with the metrics recorded when
 it was promoted - by more than gate.max_regression. A model of another task (other classes, another data
-source, another champion.task) is never compared with: a new task has no champion until its first model passes.
+source, another gate.task) is never compared with: a new task has no champion until its first model passes.
 
 The report is written whether the gate passes or not; a failure raises GateFailed, so `tgm gate` exits
 non-zero and DVC does not run `package`.

@@ -49,6 +49,11 @@ class Task:
     def describe(self) -> dict:
         return {"id": self.id, "source": self.source, "classes": list(self.classes)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        """The inverse of describe(): a task as reports/gate.json and the model's metadata record it."""
+        return cls(d["id"], d["source"], tuple(d["classes"]))
+
 
 def task_for(source: str, name: str | None, classifier_dir: str | Path = "models/classifier") -> Task:
     """The task of the classifier in `classifier_dir` (its class names are in its config.json)."""
@@ -223,7 +228,7 @@ def promote(
     if not gate.get("passed"):
         raise RegistryError(f"promote: {gate_report} says the gate failed; refusing to promote")
     # The task the gate judged the model for (and compared it within): the same task it is promoted in.
-    task = Task(gate["task"]["id"], gate["task"]["source"], tuple(gate["task"]["classes"]))
+    task = Task.from_dict(gate["task"])
     return Registry(root).promote(read_json(package_report)["model_tag"], task, read_json(metrics_path), "pipeline")
 
 
@@ -272,8 +277,6 @@ def champion_command(action: str, model: str | None, task_id: str | None, root: 
         raise RegistryError(f"model {model} is not in the BentoML store ({bentoml_home()})") from None
     if info.labels.get("gate") != "passed" or "task" not in info.metadata:
         raise RegistryError(f"{model} was not packaged after passing the gate (`tgm package`); refusing to promote")
-    t = info.metadata["task"]
-    champion = registry.promote(
-        model, Task(t["id"], t["source"], tuple(t["classes"])), info.metadata["metrics"], "by hand"
-    )
-    return f"{champion['model']} is the champion of {t['id']}; " + _record_in_dvc_lock()
+    task = Task.from_dict(info.metadata["task"])
+    champion = registry.promote(model, task, info.metadata["metrics"], "by hand")
+    return f"{champion['model']} is the champion of {task.id}; " + _record_in_dvc_lock()
