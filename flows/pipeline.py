@@ -13,12 +13,16 @@ evaluation metrics next to the last commit's, the validation summary, the gate d
 # No `from __future__ import annotations` here: a deployment's runner rebuilds the flow's parameter model from
 # these annotations in another process, and the typed `params` form must be a class there, not a string.
 
+import contextlib
+import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 
 from flows import artifacts
 from flows.commands import parse, run_or_serve
@@ -124,6 +128,7 @@ def pipeline(
     stages: list[str] | None = None,
     experiment: bool = True,
     wait_for_workspace_s: float = 0.0,
+    dask_address: str | None = None,
 ) -> dict:
     """Reproduce the stages of dvc.yaml in order, record the run as a DVC experiment, optionally `dvc push`.
 
@@ -138,6 +143,8 @@ def pipeline(
         stages: a subset of the stages (default: all, in dvc.yaml order).
         experiment: save the run as DVC experiment `prefect-<flow run name>`.
         wait_for_workspace_s: how long to wait for another run holding the workspace before failing.
+        dask_address: a Dask scheduler (tcp://host:8786) for the per-file work of ingest, validate and prepare
+            (TGM_DASK_ADDRESS, docs/scale.md); default: a process pool on this machine.
     """
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
@@ -145,7 +152,12 @@ def pipeline(
         **override_pairs(params),
         **parse_overrides(list(overrides or []) + ([f"ingest.source={source}"] if source else [])),
     }
-    with workspace_lock(workdir, wait_s=wait_for_workspace_s), overridden_params(workdir, sets):
+    with (
+        workspace_lock(workdir, wait_s=wait_for_workspace_s),
+        overridden_params(workdir, sets),
+        # The chunks' flow run (tgm-data-chunks) reports to the same Prefect API as this one.
+        environment(TGM_DASK_ADDRESS=dask_address, PREFECT_API_URL=dask_address and PREFECT_API_URL.value()),
+    ):
         if sets:
             logger.info("params for this run: %s", ", ".join(f"{k}={v!r}" for k, v in sets.items()))
         results, failure = reproduce(workdir, stages or stage_names(workdir))
@@ -178,6 +190,21 @@ def serve(cron: str | None, interval: float | None, name: str, parameters: dict,
     )
 
 
+@contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set the non-None `values` for the stages this flow starts (they inherit its environment), then restore."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: list[str] | None = None) -> None:
     parser, commands = run_or_serve(__doc__, "tgm-scheduled", "0 3 * * *")
     for p in commands:
@@ -203,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             metavar="SECONDS",
             help="wait this long for another run holding the workspace (default: fail at once)",
         )
+        p.add_argument("--dask-address", help="run the data stages' per-file work on this Dask scheduler")
     commands[1].add_argument(
         "--limit",
         type=int,
@@ -219,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         "remote": args.remote,
         "experiment": args.experiment,
         "wait_for_workspace_s": args.wait,
+        "dask_address": args.dask_address,
     }
     parse_overrides(args.overrides)  # a malformed override fails here, not at 3 a.m.
     if args.command == "serve":

@@ -2,6 +2,7 @@
 
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,6 +10,7 @@ import pytest
 from conftest import params_of
 from PIL import Image
 
+from tgm.errors import SourceChanged
 from tgm.ingest import ingest
 from tgm.prepare import load_split, prepare
 from tgm.preprocess import PreprocessSpec, image_to_tokens
@@ -68,7 +70,7 @@ def test_folder_source_accounts_for_every_file_and_quarantines_bad_ones(tmp_path
     raw, validated, _, summary, meta = run_stages(tmp_path, f"folder:{src}")
 
     quarantine = pd.read_csv(validated / "quarantine.csv")
-    accepted = pd.read_csv(validated / "manifest.csv")
+    accepted = pd.read_csv(validated / "manifest.csv.gz")
     assert summary["inputs"] == 16 + 4 == len(accepted) + len(quarantine)
     reasons = dict(zip(quarantine["path"].str.rsplit("/", n=1).str[-1], quarantine["reason"]))
     assert reasons == {
@@ -90,7 +92,7 @@ def test_splits_are_stratified_and_an_image_never_sits_in_two_splits(tmp_path):
     _, validated, prepared, summary, meta = run_stages(tmp_path, f"folder:{src}")
     # The picture filed under two labels is set aside everywhere; a same-class copy is dropped after the first.
     assert summary["rejected_by_reason"] == {"conflicting_labels": 3, "duplicate": 1}
-    splits = pd.read_csv(prepared / "splits.csv")
+    splits = pd.read_csv(prepared / "splits.csv.gz")
     assert splits["sha256"].is_unique
     for split in ("train", "val", "test"):
         assert set(splits.loc[splits["split"] == split, "label"]) == {"cat", "dog"}
@@ -101,10 +103,11 @@ def test_prepared_tokens_equal_the_serving_preprocessing(tmp_path):
     raw, _, prepared, _, meta = run_stages(tmp_path, f"folder:{src}")
     assert meta["color_mode"] == "rgb"
     spec = PreprocessSpec.load(prepared)
-    splits = pd.read_csv(prepared / "splits.csv")
+    splits = pd.read_csv(prepared / "splits.csv.gz")
+    where = pd.read_csv(raw / "manifest.csv.gz").set_index("path")["source"]  # a folder is read where it is
     tokens, _ = load_split(prepared, "train")
     for row, expected in zip(splits[splits["split"] == "train"].itertuples(), tokens):
-        with Image.open(raw / row.path) as im:
+        with Image.open(where[row.path]) as im:
             assert (image_to_tokens(im, spec) == expected).all()
 
 
@@ -161,9 +164,9 @@ def test_prepared_arrays_are_checked_before_training(tmp_path):
 def test_prepare_refuses_an_accepted_manifest_holding_a_picture_twice(tmp_path):
     src = make_folder(tmp_path / "src", per_class=12)
     raw, validated, _, _, _ = run_stages(tmp_path, f"folder:{src}")
-    manifest = pd.read_csv(validated / "manifest.csv")
+    manifest = pd.read_csv(validated / "manifest.csv.gz")
     pd.concat([manifest, manifest.iloc[:1].assign(path="images/cat/copy.png")]).to_csv(
-        validated / "manifest.csv", index=False
+        validated / "manifest.csv.gz", index=False
     )
     with pytest.raises(DataContractError, match="sha256"):
         prepare(params_of("prepare", image_size=6, palette_size=8), validated, raw, tmp_path / "again")
@@ -189,10 +192,33 @@ def test_outputs_are_byte_for_byte_the_same_with_one_or_two_workers(tmp_path, mo
             for p in sorted(work.rglob("*"))
             if p.is_file() and "docs" not in p.relative_to(work).parts  # GX Data Docs carry run ids and times
         }
-    assert sum(k.startswith("raw/images/") for k in outputs["1"]) > CHUNK  # more than one chunk of files
+    assert len(pd.read_csv(work / "raw/manifest.csv.gz")) > CHUNK  # more than one chunk of files
     assert outputs["1"].keys() == outputs["2"].keys()
     different = [k for k in outputs["1"] if outputs["1"][k] != outputs["2"][k]]
     assert not different, different[:5]
+
+
+def test_a_folder_is_read_in_place_and_a_file_changed_after_ingest_is_refused(tmp_path):
+    src = make_folder(tmp_path / "src")
+    raw, validated = tmp_path / "raw", tmp_path / "validated"
+    manifest = ingest(params_of("ingest", source=f"folder:{src}"), raw)
+    validate(params_of("validate", min_images_per_class=2), raw, validated, tmp_path / "v.json", None)
+    # Stored once: data/raw holds the listing, not a second copy of the images.
+    assert sorted(p.name for p in raw.rglob("*")) == ["manifest.csv.gz", "source.json"]
+    assert (manifest["source"].map(lambda s: Path(s).parent.parent) == src).all()
+
+    changed = src / "cat" / "cat 1.png"
+    changed.write_bytes(changed.read_bytes() + b"\0")  # the picture still decodes; its bytes differ
+    prepare_params = params_of("prepare", image_size=6, palette_size=8, val_fraction=0.2, test_fraction=0.25)
+    with pytest.raises(SourceChanged, match=r"cat 1\.png changed after ingest.*dvc repro"):
+        prepare(prepare_params, validated, raw, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()  # nothing half-written
+    with pytest.raises(SourceChanged, match=r"cat 1\.png changed after ingest"):
+        validate(params_of("validate"), raw, tmp_path / "again", tmp_path / "v2.json", None)
+    changed.unlink()
+    with pytest.raises(SourceChanged, match=r"cat 1\.png was listed by ingest but no longer exists"):
+        validate(params_of("validate"), raw, tmp_path / "again", tmp_path / "v2.json", None)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "v2.json").exists()
 
 
 def test_a_bad_worker_count_is_a_clear_error(monkeypatch):
@@ -205,3 +231,39 @@ def test_a_bad_worker_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TGM_DATA_WORKERS", "0")
     with pytest.raises(UserError, match="must be at least 1"):
         map_in_order(str, range(3))
+
+
+def test_a_dask_cluster_through_prefect_gives_the_same_outputs_as_one_process(tmp_path, monkeypatch):
+    """TGM_DASK_ADDRESS: every chunk is a Prefect task on a real (local) Dask cluster; nothing in the outputs
+    tells the two runs apart."""
+    from distributed import LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tgm.parallel import CHUNK
+
+    root = make_folder(tmp_path / "src", classes=("cat", "dog", "fox"), per_class=CHUNK // 2 + 7, rgb=True)
+    (root / "dog" / "empty.png").write_bytes(b"")
+    (root / "cat" / "cut.png").write_bytes((root / "cat" / "cat 0.png").read_bytes()[:40])
+    work, outputs = tmp_path / "work", {}
+    prepare_params = params_of("prepare", image_size=6, palette_size=8)
+    monkeypatch.setenv("TGM_DATA_WORKERS", "1")
+    run_stages(work, f"folder:{root}", prepare_params=prepare_params)
+
+    # GX Data Docs name their pages by run id and time; everything else must match.
+    def written():
+        return {p.relative_to(work): p.read_bytes() for p in work.rglob("*") if p.is_file() and "docs" not in p.parts}
+
+    outputs["one process"] = written()
+    shutil.rmtree(work)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        monkeypatch.setenv("TGM_DASK_ADDRESS", cluster.scheduler_address)
+        run_stages(work, f"folder:{root}", prepare_params=prepare_params)
+        ran = list(cluster.scheduler.task_prefixes)  # what the fresh cluster's scheduler was given
+    outputs["dask"] = written()
+    assert outputs["one process"].keys() == outputs["dask"].keys()
+    different = [str(k) for k, v in outputs["one process"].items() if v != outputs["dask"][k]]
+    assert not different, different
+    assert ran, "nothing ran on the cluster"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def incoming(project, dest, n=150, seed=0):
     """`n` test-split images of the project, copied into `dest` (a user's folder of new images)."""
-    splits = pd.read_csv(project / "data/prepared/splits.csv")
+    splits = pd.read_csv(project / "data/prepared/splits.csv.gz")
     test = splits[splits["split"] == "test"].sample(min(n, (splits["split"] == "test").sum()), random_state=seed)
     dest.mkdir(parents=True)
     for path in test["path"]:

@@ -162,3 +162,20 @@ def test_the_workspace_lock_waits_for_its_holder(tmp_path):
     with workspace_lock(tmp_path, wait_s=10, poll_s=0.05):
         pass  # got it once the holder let go
     holder.join()
+
+
+def test_the_dask_address_reaches_the_stages_with_this_flows_api_and_is_then_restored(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import environment
+
+    monkeypatch.delenv("TGM_DASK_ADDRESS", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://before")
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        address = "tcp://scheduler:8786"
+        with environment(TGM_DASK_ADDRESS=address, PREFECT_API_URL=address and PREFECT_API_URL.value()):
+            assert os.environ["TGM_DASK_ADDRESS"] == address
+            assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+        assert "TGM_DASK_ADDRESS" not in os.environ and os.environ["PREFECT_API_URL"] == "http://before"
+        with environment(TGM_DASK_ADDRESS=None, PREFECT_API_URL=None):  # no cluster: nothing is touched
+            assert "TGM_DASK_ADDRESS" not in os.environ and os.environ["PREFECT_API_URL"] == "http://before"

@@ -117,7 +117,7 @@ def test_every_file_gets_its_verdict_and_nothing_is_lost(hostile, tmp_path):
         tmp_path / "docs",
     )
 
-    accepted = pd.read_csv(tmp_path / "validated" / "manifest.csv")
+    accepted = pd.read_csv(tmp_path / "validated" / "manifest.csv.gz")
     quarantine = pd.read_csv(tmp_path / "validated" / "quarantine.csv")
 
     def to_rel(p: str) -> str:
@@ -145,7 +145,7 @@ def test_every_file_gets_its_verdict_and_nothing_is_lost(hostile, tmp_path):
         tmp_path / "prepared",
     )
     assert meta["color_mode"] == "rgb" and meta["classes"] == ["cats", "dogs"]
-    splits = pd.read_csv(tmp_path / "prepared" / "splits.csv").set_index("path")
+    splits = pd.read_csv(tmp_path / "prepared" / "splits.csv.gz").set_index("path")
     # The recompressed copy of a dog is a near-duplicate: it lands in the same split as its original.
     assert splits.loc["images/dogs/ok 0 recompressed.png", "split"] == splits.loc["images/dogs/ok 0.png", "split"]
 

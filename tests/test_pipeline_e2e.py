@@ -1,12 +1,15 @@
 """The real `dvc repro` on builtin:digits: every stage runs, re-runs only what a change touches, and
 `dvc metrics diff` reports the change."""
 
+import hashlib
 import json
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
-from conftest import commit_all, run
+from conftest import commit_all, make_project, run
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "validate", "prepare", "pretrain", "finetune", "evaluate", "gate", "package"]
@@ -19,7 +22,7 @@ def ran_stages(output: str) -> list[str]:
 def test_first_run_produces_every_output(built_project):
     p = built_project
     for path in [
-        "data/raw/manifest.csv",
+        "data/raw/manifest.csv.gz",
         "data/validated/quarantine.csv",
         "data/prepared/meta.json",
         "models/pretrained/model.safetensors",
@@ -30,7 +33,7 @@ def test_first_run_produces_every_output(built_project):
         "reports/gate.json",
         "reports/package.json",
         "reports/validation_docs/index.html",
-        "data/validated/inspected.csv",
+        "data/validated/inspected.csv.gz",
     ]:
         assert (p / path).exists(), path
     metrics = json.loads((p / "metrics/evaluate.json").read_text())
@@ -111,3 +114,33 @@ def test_dvc_exp_run_shows_step_level_training_curves_and_plots_diff_compares_co
     epochs = diff["data"]["Fine-tuning (validation)"][0]["content"]["data"]["values"]
     assert {row["rev"] for row in epochs} == {"HEAD~1", "HEAD"}
     assert "dvclive/evaluate/plots/sklearn/confusion_matrix.json" in diff["data"]
+
+
+def test_a_folder_versioned_with_dvc_add_is_stored_once_and_an_edit_reruns_what_depends_on_it(tmp_path):
+    """docs/scale.md's setup: a hard-link cache and `dvc add data/sources/NAME`. The images exist once on disk
+    (folder and cache are the same files), data/raw holds no copy, and editing one image reruns ingest and the
+    stages its new manifest changes."""
+    from test_data_stages import make_folder, png_bytes
+
+    project = make_project(tmp_path / "project", {"ingest": {"source": "folder:data/sources/pets"}})
+    images = make_folder(project / "data/sources/pets", classes=("cat", "dog"), per_class=12, size=16)
+    run(["dvc", "config", "--local", "cache.type", "hardlink"], project)
+    run(["dvc", "add", "data/sources/pets"], project)
+    run(["dvc", "repro", "prepare"], project, timeout=600)
+    commit_all(project, "pets")
+
+    files = sorted(p for p in images.rglob("*.png"))
+    cached = {p.stat().st_ino for p in (project / ".dvc/cache").rglob("*") if p.is_file()}
+    assert len(files) == 24 and all(p.stat().st_ino in cached and p.stat().st_nlink == 2 for p in files)
+    assert sorted(p.name for p in (project / "data/raw").iterdir()) == ["manifest.csv.gz", "source.json"]
+    manifest = pd.read_csv(project / "data/raw/manifest.csv.gz")
+    assert set(manifest["source"]) == {str(p.relative_to(project)) for p in files}
+
+    edited = images / "dog" / "dog 3.png"
+    run(["dvc", "unprotect", str(edited.relative_to(project))], project)
+    edited.write_bytes(png_bytes(np.arange(256, dtype=np.uint8).reshape(16, 16)))
+    run(["dvc", "add", "data/sources/pets"], project)
+    out = run(["dvc", "repro", "prepare"], project, timeout=600).stdout
+    assert all(f"Running stage '{s}'" in out for s in ("ingest", "validate", "prepare")), out
+    after = pd.read_csv(project / "data/raw/manifest.csv.gz").set_index("path")["sha256"]
+    assert after["images/dog/dog 3.png"] == hashlib.sha256(edited.read_bytes()).hexdigest()

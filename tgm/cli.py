@@ -11,16 +11,17 @@ from tgm import __version__
 
 STAGES = {
     "ingest": (
-        "Copy the data source into data/raw/ with a manifest of every file.",
-        """Copy the source named by ingest.source into data/raw/ and list every file in
-        data/raw/manifest.csv (path, label, sha256, size, format, width, height, mode).
+        "List every file of the data source, with its sha256, in data/raw/manifest.csv.gz.",
+        """List every file of the source named by ingest.source in data/raw/manifest.csv.gz (path, label,
+        sha256, size, format, width, height, mode, source). A folder's images are read in place by the later
+        stages, which refuse any file whose sha256 changed; built-in images are written to data/raw/images/.
         Sources: builtin:mnist5k, builtin:digits, folder:PATH (one sub-folder per class).""",
     ),
     "validate": (
         "Judge every ingested file with Great Expectations: accept it or quarantine it with a reason.",
         """Decode and inspect every ingested file and judge it with Great Expectations suites: each file is
-        accepted (data/validated/manifest.csv) or quarantined with one reason (data/validated/quarantine.csv).
-        Writes every file's measurements and verdict (data/validated/inspected.csv), details.json,
+        accepted (data/validated/manifest.csv.gz) or quarantined with one reason (data/validated/quarantine.csv).
+        Writes every file's measurements and verdict (data/validated/inspected.csv.gz), details.json,
         reports/validation.json (a DVC metric) and Data Docs in reports/validation_docs/. Fails when more than
         validate.max_reject_fraction is rejected, a class is below validate.min_images_per_class, or fewer
         than two classes remain.""",

@@ -28,3 +28,7 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 class EmptySplit(UserError):
     """A split a stage needs has no images."""
+
+
+class SourceChanged(UserError):
+    """A file ingest listed is gone or holds other bytes now: the data changed after `ingest` ran."""

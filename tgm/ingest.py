@@ -1,16 +1,20 @@
-"""ingest: bring a source's images into `data/raw/` and list every file found in a manifest.
+"""ingest: list every file a source holds in `data/raw/manifest.csv.gz`, with its sha256 and header facts.
 
-Ingest never judges: each file found is copied byte for byte and listed, decodable or not, so that
-`validate` can account for every input. Nothing in the user's folder is changed.
+Ingest never judges: each file found is listed, decodable or not, so that `validate` can account for every input.
+A folder's images are not copied: later stages read them where they are (`source` column) and check each
+against its listed sha256, so the manifest pins the exact bytes a run used while the images are stored once.
+Only built-in datasets, which exist as arrays inside packages, are written out, under `data/raw/images/`.
+`path` is each file's name in every report: images/<label>/<name inside the class folder>.
+Nothing in the user's folder is changed.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from tgm.errors import SourceMissing
-from tgm.io import atomic_dir, sha256_file, write_json
+from tgm.io import atomic_dir, sha256_file, write_json, write_table
 from tgm.parallel import map_in_order
 from tgm.params import IngestParams
 
@@ -33,7 +37,7 @@ class SourceImage:
     label: str  # "" when the file sits outside any class folder
     name: str  # relative path inside the class folder
     data: bytes | None = None  # encoded bytes (built-in sources)
-    source_path: Path | None = None  # file to copy (folder sources)
+    source_path: Path | None = None  # the file itself (folder sources)
 
 
 def builtin_images(name: str) -> list[SourceImage]:
@@ -83,9 +87,11 @@ def folder_images(root: Path) -> tuple[list[SourceImage], list[str]]:
     return images, empty
 
 
-def probe(path: Path) -> dict:
-    """Header facts about a file; empty values when it is not an image Pillow can open."""
+def probe(path: Path | None) -> dict:
+    """Header facts about a file; empty values when it is not an image Pillow can open (or is not opened)."""
     try:
+        if path is None:
+            raise FileNotFoundError
         with Image.open(path) as im:
             return {"format": im.format or "", "width": im.width, "height": im.height, "mode": im.mode}
     except Exception:  # noqa: BLE001 - any failure here just means "not readable as an image"; validate says why
@@ -93,31 +99,35 @@ def probe(path: Path) -> dict:
 
 
 def ingest_one(img: SourceImage, out_dir: Path, source: str) -> dict:
-    """Bring one file into `out_dir/images/<label>/...` and return its manifest row."""
+    """The manifest row of one file; a built-in image is first written to `out_dir/images/<label>/...`."""
     rel = Path("images") / (img.label or "_unlabelled") / img.name
-    dest = out_dir / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
     entry = "file"
     if img.data is not None:
-        dest.write_bytes(img.data)
-    elif img.source_path.is_symlink() or not img.source_path.is_file():
-        entry = "symlink" if img.source_path.is_symlink() else "special"
-        dest.write_bytes(b"")  # placeholder keeps the entry accounted for; validate rejects it
+        where = out_dir / rel
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes(img.data)
     else:
-        shutil.copyfile(img.source_path, dest)
+        where = img.source_path
+        if where.is_symlink() or not where.is_file():
+            # Listed so that it is accounted for, never opened: a link may point outside the folder, and a
+            # FIFO or device would block or never end. validate quarantines it.
+            entry = "symlink" if where.is_symlink() else "special"
+    facts = (
+        {"sha256": sha256_file(where), "size_bytes": where.stat().st_size, **probe(where)}
+        if entry == "file"
+        else {"sha256": hashlib.sha256(b"").hexdigest(), "size_bytes": 0, **probe(None)}
+    )
     return {
         "path": rel.as_posix(),
         "label": img.label,
         "entry": entry,
-        "sha256": sha256_file(dest),
-        "size_bytes": dest.stat().st_size,
-        **probe(dest),
-        "source": str(img.source_path) if img.source_path else source,
+        **facts,
+        "source": str(where) if img.data is None else source,
     }
 
 
 def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFrame:
-    """Copy the source into `out_dir/images/<label>/...` and write `out_dir/manifest.csv`."""
+    """List the source's files in `out_dir/manifest.csv.gz` (writing built-in images to `out_dir/images/`)."""
     kind, _, arg = params.source.partition(":")
     empty_folders: list[str] = []
     if kind == "builtin":
@@ -129,7 +139,7 @@ def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFra
     with atomic_dir(out_dir) as tmp:
         rows = map_in_order(functools.partial(ingest_one, out_dir=tmp, source=params.source), images)
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-        manifest.to_csv(tmp / "manifest.csv", index=False)
+        write_table(manifest, tmp / "manifest.csv.gz")
         write_json(
             tmp / "source.json", {"source": params.source, "files": len(manifest), "empty_class_folders": empty_folders}
         )
@@ -144,6 +154,8 @@ def _warn_if_unwatched(folder: Path) -> None:
     except ValueError:
         log.warning(
             "ingest: %s is outside data/sources/, so DVC will not notice when its files change; "
-            "run `dvc repro -f ingest` after editing it, or move it under data/sources/",
+            "run `dvc repro -f ingest` after editing it, or version it in the project: "
+            "`dvc import-url %s data/sources/NAME` (see docs/scale.md)",
             folder,
+            folder.resolve(),
         )

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from tgm.errors import SourceChanged
+
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
@@ -74,3 +76,37 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# The per-file tables (one row per image: paths, sha256, measurements) are gzipped: uncompressed they take a
+# few hundred bytes per image, as much as a small image itself. mtime 0: the same table gives the same bytes.
+TABLE_COMPRESSION = {"method": "gzip", "compresslevel": 6, "mtime": 0}
+
+
+def write_table(df, path: str | Path) -> None:
+    """A per-file table as gzipped CSV (`*.csv.gz`; pandas.read_csv and zcat read it as it is)."""
+    df.to_csv(path, index=False, compression=TABLE_COMPRESSION)
+
+
+def ingested_files(raw_dir: str | Path, manifest) -> list[Path | None]:
+    """Where each manifest row's bytes are: the user's file itself (folder sources are read in place, never
+    copied), or the file ingest wrote under `raw_dir` (built-in sources). None for links and special files,
+    which are listed but never opened."""
+    raw_dir = Path(raw_dir)
+    return [
+        None if entry != "file" else raw_dir / path if source.startswith("builtin:") else Path(source)
+        for path, entry, source in zip(manifest["path"], manifest["entry"], manifest["source"])
+    ]
+
+
+def read_ingested(path: Path, sha256: str) -> bytes:
+    """The bytes of a file ingest listed, refused unless they are the bytes it hashed: a stage never trains on
+    a file that changed behind DVC's back."""
+    rerun = "run `dvc repro` again (or `dvc repro -f ingest` for a folder outside data/sources/) to re-ingest"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SourceChanged(f"{path} was listed by ingest but no longer exists: {rerun}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SourceChanged(f"{path} changed after ingest (its sha256 differs from data/raw/manifest.csv.gz): {rerun}")
+    return data

@@ -7,6 +7,7 @@ Splits are stratified by class and drawn with `prepare.seed`; the accepted manif
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import re
 from pathlib import Path
@@ -16,10 +17,11 @@ import pandas as pd
 from PIL import Image
 
 from tgm import schemas
-from tgm.io import atomic_dir, read_json, write_json
+from tgm.io import atomic_dir, ingested_files, read_ingested, read_json, write_json, write_table
 from tgm.parallel import map_in_order
 from tgm.params import PrepareParams
 from tgm.preprocess import PreprocessSpec, fit_palette, image_pixels, quantize_to_palette
+from tgm.tokens import TokenFile
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +81,20 @@ def split_table(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFrame:
     return schemas.check(schemas.SplitTable, table, "split table")
 
 
-def image_facts(path: Path, image_size: int, color_mode: str) -> tuple[bool, dict[str, np.ndarray]]:
-    """Whether the image looks grey, and its resized pixels in `color_mode` (both modes when it is "auto")."""
-    with Image.open(path) as im:
+def image_facts(file: tuple[Path, str], image_size: int, color_mode: str) -> tuple[bool, dict[str, np.ndarray]]:
+    """Whether the image (path, sha256) looks grey, and its resized pixels in `color_mode` (both modes when it
+    is "auto")."""
+    with Image.open(io.BytesIO(read_ingested(*file))) as im:
         im.load()
         modes = ("grey", "rgb") if color_mode == "auto" else (color_mode,)
         return looks_grey(im), {m: image_pixels(im, image_size, m) for m in modes}
 
 
-def read_pixels(table: pd.DataFrame, raw_dir: Path, params: PrepareParams) -> tuple[np.ndarray, str]:
-    """Every image resized, as (N, T, C) pixels, and the colour mode (`auto` decided from the images)."""
+def read_pixels(files: list[tuple[Path, str]], params: PrepareParams) -> tuple[np.ndarray, str]:
+    """Every image (path, sha256) resized, as (N, T, C) pixels, and the colour mode (`auto` decided from the
+    images)."""
     facts = map_in_order(
-        functools.partial(image_facts, image_size=params.image_size, color_mode=params.color_mode),
-        [raw_dir / path for path in table["path"]],
+        functools.partial(image_facts, image_size=params.image_size, color_mode=params.color_mode), files
     )
     color_mode = params.color_mode
     if color_mode == "auto":
@@ -111,7 +114,7 @@ def fit_spec(pixels: np.ndarray, is_train: np.ndarray, color_mode: str, params: 
 
 
 def write_prepared(out_dir, table: pd.DataFrame, tokens, labels, spec: PreprocessSpec, classes: list) -> dict:
-    """The token arrays per split, the palette, splits.csv and meta.json, all or nothing."""
+    """The token arrays per split, the palette, splits.csv.gz and meta.json, all or nothing."""
     token_dtype = np.uint8 if spec.palette_size <= 256 else np.uint16
     counts = {}
     with atomic_dir(out_dir) as tmp:
@@ -121,7 +124,7 @@ def write_prepared(out_dir, table: pd.DataFrame, tokens, labels, spec: Preproces
             np.save(tmp / f"{split}_tokens.npy", tokens[mask].astype(token_dtype))
             np.save(tmp / f"{split}_labels.npy", labels[mask].astype(np.int64))
             counts[split] = int(mask.sum())
-        table.to_csv(tmp / "splits.csv", index=False)
+        write_table(table, tmp / "splits.csv.gz")
         meta = {
             "classes": classes,
             "image_size": spec.image_size,
@@ -141,11 +144,11 @@ def prepare(
     raw_dir: str | Path = "data/raw",
     out_dir: str | Path = "data/prepared",
 ) -> dict:
-    manifest = pd.read_csv(Path(validated_dir) / "manifest.csv", keep_default_na=False, dtype={"label": str})
+    manifest = pd.read_csv(Path(validated_dir) / "manifest.csv.gz", keep_default_na=False, dtype={"label": str})
     manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
     table = split_table(manifest, params)
     classes = class_order(table["label"])
-    pixels, color_mode = read_pixels(table, Path(raw_dir), params)
+    pixels, color_mode = read_pixels(list(zip(ingested_files(raw_dir, manifest), manifest["sha256"])), params)
     spec = fit_spec(pixels, (table["split"] == "train").to_numpy(), color_mode, params)
     # Same two steps as preprocess.image_to_tokens, batched: the service uses that function on each image.
     tokens = quantize_to_palette(pixels.reshape(-1, pixels.shape[-1]), spec.palette).reshape(len(table), -1)
@@ -169,18 +172,22 @@ def check_prepared(prepared_dir: str | Path) -> dict:
     if len(np.load(prepared_dir / "palette.npy")) != palette:
         problems.append(f"palette.npy does not hold {palette} colours")
     for split in SPLITS:
-        tokens = np.load(prepared_dir / f"{split}_tokens.npy")
+        try:
+            tokens = TokenFile(prepared_dir / f"{split}_tokens.npy")  # scanned in blocks: memory stays bounded
+        except ValueError as exc:
+            problems.append(f"{split}: {exc}")
+            continue
         labels = np.load(prepared_dir / f"{split}_labels.npy")
-        if tokens.ndim != 2 or tokens.shape[1] != seq_len:
+        if tokens.shape[1] != seq_len:
             problems.append(f"{split}: tokens have shape {tokens.shape}, expected (N, {seq_len})")
         if len(tokens) != len(labels) or len(tokens) != meta["split_sizes"][split]:
             problems.append(
                 f"{split}: {len(tokens)} sequences, {len(labels)} labels, meta.json says {meta['split_sizes'][split]}"
             )
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= palette):
-            problems.append(
-                f"{split}: token values {tokens.min()}..{tokens.max()} outside the palette 0..{palette - 1}"
-            )
+        ranges = [(int(b.min()), int(b.max())) for b in tokens.blocks() if b.size]
+        low, high = min((r[0] for r in ranges), default=0), max((r[1] for r in ranges), default=0)
+        if low < 0 or high >= palette:
+            problems.append(f"{split}: token values {low}..{high} outside the palette 0..{palette - 1}")
         if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
             problems.append(f"{split}: labels {labels.min()}..{labels.max()} outside 0..{n_classes - 1}")
         missing = sorted(set(range(n_classes)) - set(labels.tolist()))
@@ -195,8 +202,15 @@ def check_prepared(prepared_dir: str | Path) -> dict:
 
 
 def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's tokens (as int64) and labels, in memory. Training streams its tokens instead: stream_split."""
     prepared_dir = Path(prepared_dir)
     return (
         np.load(prepared_dir / f"{split}_tokens.npy").astype(np.int64),
         np.load(prepared_dir / f"{split}_labels.npy"),
     )
+
+
+def stream_split(prepared_dir: str | Path, split: str) -> tuple[TokenFile, np.ndarray]:
+    """A split's tokens read from disk as needed, and its labels in memory."""
+    prepared_dir = Path(prepared_dir)
+    return TokenFile(prepared_dir / f"{split}_tokens.npy"), np.load(prepared_dir / f"{split}_labels.npy")

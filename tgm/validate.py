@@ -23,7 +23,7 @@ from PIL import ImageOps
 from tgm import schemas
 from tgm.errors import UserError
 from tgm.images import InvalidImage, open_image
-from tgm.io import read_json, write_json
+from tgm.io import ingested_files, read_ingested, read_json, write_json, write_table
 from tgm.parallel import map_in_order
 from tgm.params import ValidateParams
 from tgm.preprocess import resize_square, to_color_mode
@@ -60,10 +60,18 @@ def average_hash(grey: np.ndarray) -> str:
     return np.packbits(small > small.mean()).tobytes().hex()
 
 
-def inspect_file(path: Path, max_pixels: int) -> dict:
-    """Decode one file and describe it; undecodable files get decodable=False and the reason."""
+def inspect_file(file: tuple[Path | None, str], max_pixels: int) -> dict:
+    """Decode one listed file (path, sha256) and describe it; undecodable files get decodable=False and the
+    reason. A link or special file (path None) is not opened."""
+    path, sha256 = file
+    if path is None:
+        return {
+            "decodable": False,
+            "decode_error": "not_a_regular_file",
+            "decode_message": MESSAGES["not_a_regular_file"],
+        }
     try:
-        img = open_image(path, max_pixels=max_pixels)
+        img = open_image(path, max_pixels=max_pixels, data=read_ingested(path, sha256))
     except InvalidImage as exc:
         return {"decodable": False, "decode_error": exc.reason, "decode_message": str(exc)}
     frames, fmt = img.info.get("n_frames", 1), img.format or ""
@@ -87,7 +95,7 @@ def inspect_file(path: Path, max_pixels: int) -> dict:
 
 def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidateParams) -> pd.DataFrame:
     inspect = functools.partial(inspect_file, max_pixels=params.max_pixels)
-    rows = map_in_order(inspect, [raw_dir / p for p in manifest["path"]])
+    rows = map_in_order(inspect, list(zip(ingested_files(raw_dir, manifest), manifest["sha256"])))
     info = pd.DataFrame(rows, index=manifest.index)
     df = manifest.drop(columns=["format", "width", "height", "mode"]).join(info)
     df["label"] = df["label"].replace("", None)
@@ -212,8 +220,8 @@ def _problems(summary: dict, per_class: pd.Series, counts: Counter, classes: lis
 
 def write_outputs(v: Verdicts, out_dir: Path, details: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    v.inspected.assign(verdict=v.reasons.fillna("accepted")).to_csv(out_dir / "inspected.csv", index=False)
-    v.accepted.to_csv(out_dir / "manifest.csv", index=False)
+    write_table(v.inspected.assign(verdict=v.reasons.fillna("accepted")), out_dir / "inspected.csv.gz")
+    write_table(v.accepted, out_dir / "manifest.csv.gz")
     v.quarantine.to_csv(out_dir / "quarantine.csv", index=False)
     write_json(out_dir / "details.json", details)
 
@@ -229,8 +237,8 @@ def validate(
 
     t0 = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    manifest = pd.read_csv(raw_dir / "manifest.csv", keep_default_na=False, dtype={"label": str})
-    manifest = schemas.check(schemas.Manifest, manifest, f"{raw_dir / 'manifest.csv'}")
+    manifest = pd.read_csv(raw_dir / "manifest.csv.gz", keep_default_na=False, dtype={"label": str})
+    manifest = schemas.check(schemas.Manifest, manifest, f"{raw_dir / 'manifest.csv.gz'}")
     source = read_json(raw_dir / "source.json") if (raw_dir / "source.json").exists() else {}
     df = inspect_manifest(manifest, raw_dir, params)
 

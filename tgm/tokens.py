@@ -1,0 +1,64 @@
+"""A split's token array read from its .npy file a batch or a block at a time, never held whole in memory.
+
+Training keeps per image only its label and its place in the epoch's shuffle (8 + 8 bytes); the tokens are read
+from disk as each batch needs them (page cache, not process memory), so the peak memory of `pretrain` and
+`finetune` stays the model's, the optimizer's and one batch's, however many images there are. Rows come back as
+int64, what the model's embedding takes; on disk they stay uint8 (uint16 past 256 colours).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+BLOCK_ROWS = 8192  # rows per read when a whole split is scanned: a few MB, even as int64
+
+
+class TokenFile:
+    """Rows of a 2-D .npy array by index (`tf[idx]`, idx an int array) or by slice (`tf[a:b]`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(f)
+            self.offset = f.tell()
+        if len(shape) != 2 or fortran_order:
+            raise ValueError(f"{self.path}: expected a C-ordered 2-D array, found shape {shape}")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.row_bytes = shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.read(key).astype(np.int64)
+
+    def read(self, key) -> np.ndarray:
+        """Rows `key` (an int array or a slice) in the stored dtype."""
+        with open(self.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            if isinstance(key, slice):
+                start, stop, step = key.indices(len(self))
+                if step != 1:
+                    raise IndexError("TokenFile slices take no step")
+                count = max(0, stop - start)
+                data = os.pread(fd, count * self.row_bytes, self.offset + start * self.row_bytes)
+            else:
+                idx = np.asarray(key, dtype=np.int64).reshape(-1)
+                if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+                    raise IndexError(f"row index out of range 0..{len(self) - 1}")
+                count = len(idx)
+                data = b"".join(os.pread(fd, self.row_bytes, self.offset + int(i) * self.row_bytes) for i in idx)
+        return np.frombuffer(data, self.dtype).reshape(count, self.shape[1])
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The whole array, BLOCK_ROWS rows at a time, in the stored dtype."""
+        for start in range(0, len(self), BLOCK_ROWS):
+            yield self.read(slice(start, start + BLOCK_ROWS))
