@@ -112,3 +112,42 @@ def test_warping_keeps_palette_indices_and_repeats_with_its_seed():
     assert torch.equal(out, warp(0)) and not torch.equal(out, warp(1))
     assert not torch.equal(out, tokens)
     assert torch.equal(warp_images(tokens, 0.0, 0.0, torch.Generator()), tokens)
+
+
+def test_training_read_from_disk_a_batch_at_a_time_equals_training_in_memory(tmp_path):
+    """Streamed token files give the same weights, history and checkpoint fingerprint as in-memory arrays."""
+    from tgm.tokens import TokenFile
+    from tgm.train import Checkpointer
+
+    train, val = toy_data(), toy_data(32, seed=1)
+    for name, tokens in (("train", train[0]), ("val", val[0])):
+        np.save(tmp_path / f"{name}.npy", tokens.astype(np.uint8))  # as prepare stores them
+    streamed = TokenFile(tmp_path / "train.npy")
+    assert np.array_equal(streamed[np.array([5, 0, 5, 63])], train[0][[5, 0, 5, 63]])
+    assert np.array_equal(streamed[10:70], train[0][10:70]) and streamed[10:70].dtype == np.int64
+    assert np.array_equal(np.concatenate(list(streamed.blocks())), train[0].astype(np.uint8))
+    with pytest.raises(IndexError):
+        streamed[np.array([64])]
+    assert Checkpointer.fingerprint_of(streamed) == Checkpointer.fingerprint_of(train[0])
+
+    def run(data_train, data_val):
+        seed_everything(0)
+        model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
+        params = params_of("finetune", epochs=3, batch_size=16, lr=0.01, augment_shift=1)
+        history, _ = fit(model, data_train, data_val, params, "classify", torch.device("cpu"), lambda_gen=0.5)
+        return model, history
+
+    a, history_a = run(train, val)
+    b, history_b = run((streamed, train[1]), (TokenFile(tmp_path / "val.npy"), val[1]))
+    assert history_a == history_b
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_max_steps_stops_training_after_that_many_steps():
+    seed_everything(0)
+    model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16))
+    params = params_of("pretrain", epochs=5, batch_size=16, max_steps=6, patience=10)
+    history, best = fit(model, toy_data(), toy_data(32, seed=1), params, "generative", torch.device("cpu"))
+    # 4 steps per epoch: the second epoch ends after its second step, validated like any other.
+    assert [r["epoch"] for r in history] == [1, 2] and 1 <= best <= 2

@@ -111,6 +111,9 @@ class TrainParams(Group):
     augment_shift: Int = Field(ge=0, description="shift training images by up to this many pixels")
     augment_rotate: Float = Field(ge=0, le=180, description="rotate training images by up to this many degrees")
     augment_scale: Float = Field(ge=0, lt=1, description="zoom training images in or out by up to this fraction")
+    max_steps: Int | None = Field(
+        ge=1, description="stop after this many optimizer steps (null: run the epochs); the schedule still spans them"
+    )
 
     @field_validator("device")
     @classmethod

@@ -39,6 +39,7 @@ from tgm.io import atomic_dir, atomic_file, write_json
 from tgm.live import LiveCurves
 from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
+from tgm.tokens import TokenFile
 
 log = logging.getLogger(__name__)
 Objective = Literal["generative", "classify"]
@@ -198,7 +199,7 @@ def evaluate_split(
     sums = {"gen_loss": 0.0, "cls_loss": 0.0, "correct": 0.0}
     n = len(tokens)
     for i in range(0, n, batch_size):
-        x = torch.from_numpy(tokens[i : i + batch_size]).to(device)
+        x = torch.from_numpy(np.asarray(tokens[i : i + batch_size], dtype=np.int64)).to(device)
         y = torch.from_numpy(labels[i : i + batch_size]).to(device) if labels is not None else None
         with autocast(device, amp_dtype):
             _, parts = batch_losses(model, x, y, objective, lambda_gen)
@@ -225,7 +226,10 @@ class Checkpointer:
     def fingerprint_of(*parts) -> str:
         h = hashlib.sha256()
         for part in parts:
-            if isinstance(part, np.ndarray):
+            if isinstance(part, TokenFile):  # hashed as the int64 array it reads as, block by block
+                for block in part.blocks():
+                    h.update(block.astype(np.int64).tobytes())
+            elif isinstance(part, np.ndarray):
                 h.update(np.ascontiguousarray(part).tobytes())
             else:
                 h.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -289,7 +293,7 @@ class Run:
     dist: Dist
     checkpointer: Checkpointer | None
     curves: LiveCurves | None  # step-level curves (main process only)
-    tokens: torch.Tensor
+    tokens: TokenFile | np.ndarray  # read a batch at a time (tgm.tokens)
     labels: torch.Tensor
     pool: torch.Tensor | None  # unlabelled images mixed into each batch (classify only)
     opt: torch.optim.Optimizer
@@ -334,8 +338,8 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         dist=dist,
         checkpointer=checkpointer,
         curves=curves if dist.is_main else None,
-        tokens=torch.from_numpy(train[0]),
-        labels=torch.from_numpy(train[1]),
+        tokens=train[0],
+        labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)),
         pool=torch.from_numpy(unlabelled) if unlabelled is not None and len(unlabelled) else None,
         opt=opt,
         sched=sched,
@@ -397,7 +401,8 @@ def _epoch_order(run: Run, progress: Progress) -> torch.Tensor:
 def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `idx` with its share of unlabelled images, augmented: the whole global batch, on every rank."""
     params = run.params
-    xb, yb = run.tokens[idx], run.labels[idx]
+    xb = torch.from_numpy(np.asarray(run.tokens[idx.numpy()], dtype=np.int64))
+    yb = run.labels[idx]
     if run.pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
         extra = run.pool[torch.randint(0, len(run.pool), (len(idx),), generator=run.pool_gen)]
         xb = torch.stack([xb, extra], dim=1).reshape(-1, xb.size(1))
@@ -473,6 +478,9 @@ def _train_epoch(run: Run, progress: Progress) -> None:
         )
         if run.checkpointer and run.checkpointer.every and progress.step % run.checkpointer.every == 0:
             _save_checkpoint(run, progress)
+        if run.params.max_steps and progress.step >= run.params.max_steps:
+            progress.stopped = True  # this epoch still ends (validation, history) as a shorter one
+            break
     bar.close()
 
 
@@ -580,15 +588,15 @@ def write_curve(path: str | Path, history: list[dict]) -> None:
 
 
 def _prepared(prepared_dir: str | Path):
-    from tgm.prepare import check_prepared, load_split
+    from tgm.prepare import check_prepared, stream_split
     from tgm.preprocess import PreprocessSpec
 
     classes = check_prepared(prepared_dir)["classes"]
     return (
         classes,
         PreprocessSpec.load(prepared_dir),
-        load_split(prepared_dir, "train"),
-        load_split(prepared_dir, "val"),
+        stream_split(prepared_dir, "train"),
+        stream_split(prepared_dir, "val"),
     )
 
 
