@@ -1,13 +1,16 @@
 """Large folders: what ingest, validate, prepare and one pretraining epoch cost per image, in time, memory and
 disk, with 1 and more data workers, and how long a `dvc repro` with nothing to do takes.
 
-    python benchmarks/scale.py [--images 50000] [--workers 1,2] [--no-pretrain] [--keep DIR]
+    python benchmarks/scale.py [--images 50000] [--workers 1,2] [--dvc-add] [--pretrain-steps N | --no-pretrain]
+                               [--keep DIR]
 
-Builds a folder of N 28x28 grey PNGs (MNIST-5k repeated, every copy with its own seeded pixel noise, so no two
-files are equal) and a fresh git + DVC project around it (this checkout's dvc.yaml and tgm/, params.yaml with
-ingest.source pointing at the folder). After one untimed pass, for each worker count (TGM_DATA_WORKERS),
-`dvc repro -f -s` of ingest, validate and prepare, one stage at a time; then one epoch of `pretrain` (default
-model, the last worker count's data); then `dvc repro` of the stages run so far, with nothing to do.
+Builds a fresh git + DVC project (this checkout's dvc.yaml and tgm/) with a folder of N 28x28 grey PNGs in
+data/sources/big (MNIST-5k repeated, every copy with its own seeded pixel noise, so no two files are equal) and
+ingest.source pointing at it. With --dvc-add the folder is also versioned the way docs/own-data.md describes:
+`dvc config --local cache.type hardlink` and `dvc add data/sources/big` (timed). After one untimed pass, for each
+worker count (TGM_DATA_WORKERS), `dvc repro -f -s` of ingest, validate and prepare, one stage at a time; then
+`pretrain` (default model, the last worker count's data; one epoch, or its first --pretrain-steps optimizer steps,
+which is enough for its peak memory); then `dvc repro` of the stages run so far, with nothing to do.
 
 Prints per stage: workers, seconds, ms per image, the peak memory of its largest process, and, after the data
 stages, the disk used by the source, the workspace outputs and the DVC cache together (a file hard-linked in
@@ -55,7 +58,7 @@ def build_folder(dest: Path, n: int, seed: int = 0) -> None:
         (folder / f"img_{i:07d}.png").write_bytes(buf.getvalue())
 
 
-def make_project(dest: Path, source: Path) -> None:
+def make_project(dest: Path, source: Path, pretrain_steps: int | None) -> None:
     dest.mkdir(parents=True)
     for rel in ("dvc.yaml", "bentofile.yaml", "tgm", "data/sources"):
         src = ROOT / rel
@@ -64,8 +67,10 @@ def make_project(dest: Path, source: Path) -> None:
         else:
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["ingest"]["source"] = f"folder:{source}"
+    params["ingest"]["source"] = f"folder:{source.relative_to(dest)}"
     params["pretrain"]["epochs"] = 1
+    if pretrain_steps:
+        params["pretrain"]["max_steps"] = pretrain_steps
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=dest, check=True)
@@ -77,14 +82,19 @@ def make_project(dest: Path, source: Path) -> None:
 
 def run_stage(project: Path, args: list[str], workers: int) -> tuple[float, float]:
     """Seconds and peak MB of `dvc repro ARGS`."""
+    return run_command(project, ["repro", *args], workers)
+
+
+def run_command(project: Path, args: list[str], workers: int) -> tuple[float, float]:
+    """Seconds and peak MB of `dvc ARGS`."""
     env = {**os.environ, **ENV, "TGM_DATA_WORKERS": str(workers), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", PEAK, str(BIN / "dvc"), "repro", *args], cwd=project, env=env, capture_output=True
+        [sys.executable, "-c", PEAK, str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True
     )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"dvc repro {' '.join(args)} failed:\n{proc.stdout.decode()[-2000:]}{proc.stderr.decode()}")
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{proc.stdout.decode()[-2000:]}{proc.stderr.decode()}")
     peak_kb = int(proc.stderr.decode().strip().splitlines()[-1])
     return seconds, peak_kb / 1024
 
@@ -100,18 +110,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50_000)
     ap.add_argument("--workers", default="1,2", help="comma-separated TGM_DATA_WORKERS values (default 1,2)")
-    ap.add_argument("--no-pretrain", action="store_true", help="skip the pretraining epoch")
+    ap.add_argument("--no-pretrain", action="store_true", help="skip pretraining")
+    ap.add_argument("--pretrain-steps", type=int, help="stop pretraining after this many optimizer steps")
+    ap.add_argument("--dvc-add", action="store_true", help="version the folder with `dvc add` and hard links")
     ap.add_argument("--keep", help="build in this folder and keep it (default: a temporary one, removed)")
     args = ap.parse_args()
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tgm-scale-"))
-    source, project = base / "source", base / "project"
+    project = base / "project"
+    source = project / "data" / "sources" / "big"
     try:
+        make_project(project, source, args.pretrain_steps)
         t0 = time.perf_counter()
-        build_folder(source, args.images)
+        build_folder(source, args.images)  # after the commit: the images are never in git
         print(f"built {args.images} PNGs in {time.perf_counter() - t0:.0f} s: {disk_bytes(source) / 1e6:.0f} MB")
-        make_project(project, source)
         source_bytes = disk_bytes(source)
         rows = []
+        if args.dvc_add:
+            subprocess.run([str(BIN / "dvc"), "config", "--local", "cache.type", "hardlink"], cwd=project, check=True)
+            seconds, peak = run_command(project, ["add", "-q", "data/sources/big"], 1)
+            rows.append(("dvc add (hardlink)", 1, seconds, peak))
         # One untimed pass first: the first run alone pays for a cold page cache and DVC's new state database.
         for stage in ("ingest", "validate", "prepare"):
             run_stage(project, ["-f", "-s", stage], 1)
@@ -119,13 +136,13 @@ def main() -> None:
             for stage in ("ingest", "validate", "prepare"):
                 seconds, peak = run_stage(project, ["-f", "-s", stage], workers)
                 rows.append((stage, workers, seconds, peak))
-            data = [project / "data" / d for d in ("raw", "validated", "prepared")]
-            ratio = disk_bytes(source, *data, project / ".dvc" / "cache") / source_bytes
+            data = [project / "data" / d for d in ("sources", "raw", "validated", "prepared")]
+            ratio = disk_bytes(*data, project / ".dvc" / "cache") / source_bytes
             rows.append(("disk / source", workers, None, ratio))
         last = "prepare"
         if not args.no_pretrain:
             seconds, peak = run_stage(project, ["-s", "pretrain"], workers)
-            rows.append(("pretrain, 1 epoch", workers, seconds, peak))
+            rows.append((f"pretrain, {args.pretrain_steps or 'all'} steps", workers, seconds, peak))
             last = "pretrain"
         seconds, peak = run_stage(project, [last], workers)
         rows.append((f"no-op dvc repro {last}", workers, seconds, peak))
