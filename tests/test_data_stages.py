@@ -1,6 +1,7 @@
 """ingest -> validate -> prepare on real images: every file accounted for, splits that cannot leak."""
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -255,13 +256,20 @@ def test_a_dask_cluster_through_prefect_gives_the_same_outputs_as_one_process(tm
 
     outputs["one process"] = written()
     shutil.rmtree(work)
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-        prefect_test_harness(server_startup_timeout=120),
-    ):
-        monkeypatch.setenv("TGM_DASK_ADDRESS", cluster.scheduler_address)
-        run_stages(work, f"folder:{root}", prepare_params=prepare_params)
-        ran = list(cluster.scheduler.task_prefixes)  # what the fresh cluster's scheduler was given
+    # LocalCluster's nannies run in this process and set OMP_NUM_THREADS=1 (and more) in its environment for
+    # good: every later test's subprocess would train with one thread, and differ from runs made with two.
+    environ = dict(os.environ)
+    try:
+        with (
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            prefect_test_harness(server_startup_timeout=120),
+        ):
+            monkeypatch.setenv("TGM_DASK_ADDRESS", cluster.scheduler_address)
+            run_stages(work, f"folder:{root}", prepare_params=prepare_params)
+            ran = list(cluster.scheduler.task_prefixes)  # what the fresh cluster's scheduler was given
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     outputs["dask"] = written()
     assert outputs["one process"].keys() == outputs["dask"].keys()
     different = [str(k) for k, v in outputs["one process"].items() if v != outputs["dask"][k]]
