@@ -5,9 +5,10 @@ data next to the bare benchmark step of the same configuration, timed in alterna
 
 Model, batch size, precision and augmentation come from params.yaml (model and pretrain groups), so the figure
 describes the stage as configured; --layers/--embd/--heads/--batch override them. The fit arm runs whole epochs
-without a validation split or checkpoints (what the loop itself costs: batching, augmentation, host copies and
-syncs); the step arm runs the same number of optimizer steps of benchmarks/common.train_step on tokens already on
-the device. Prints tokens/s of each, round by round, and fit / step as a ratio (1.0: the loop costs nothing).
+without a validation split or checkpoints, reading its tokens from disk as the stage does (what the loop itself
+costs: reading batches, augmentation, host copies and syncs); the step arm runs the same number of optimizer
+steps of benchmarks/common.train_step on tokens already on the device. Prints tokens/s of each, round by round,
+and fit / step as a ratio (1.0: the loop costs nothing).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import ROOT, optimizer, sync, train_step  # noqa: E402
+from tgm.io import read_json  # noqa: E402
 from tgm.model import TGM, TGMConfig  # noqa: E402
 from tgm.params import load_params, replace  # noqa: E402
-from tgm.prepare import load_split  # noqa: E402
+from tgm.prepare import stream_split  # noqa: E402
 from tgm.train import fit, resolve_device, resolve_precision  # noqa: E402
 
 
@@ -38,7 +40,7 @@ def fit_round(cfg: TGMConfig, train, params, device) -> float:
     t0 = time.perf_counter()
     fit(model, train, None, params, "generative", device)
     sync(device)
-    return params.epochs * train[0].size * 1.0 / (time.perf_counter() - t0)
+    return params.epochs * len(train[0]) * train[0].shape[1] / (time.perf_counter() - t0)
 
 
 def step_round(cfg: TGMConfig, steps: int, batch: int, device, amp) -> float:
@@ -81,8 +83,8 @@ def main() -> None:
     )
     device = resolve_device(params.device)
     amp = resolve_precision(params.precision, device)
-    train = load_split(args.prepared, "train")
-    palette = int(train[0].max()) + 1
+    train = stream_split(args.prepared, "train")  # as the stage reads it: a batch at a time from disk
+    palette = read_json(Path(args.prepared) / "meta.json")["palette_size"]
     cfg = TGMConfig(palette_size=palette, seq_len=train[0].shape[1], **model_args)
     steps = -(-len(train[0]) // params.batch_size) * params.epochs
     print(
