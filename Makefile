@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test lint clean
+.PHONY: setup run run-gpu test lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: setup
 	$(BIN)/dvc repro
+
+# The GPU profile (profiles/gpu.yaml) as the DVC experiment gpu-profile; a bad profile stops before DVC starts.
+run-gpu: setup
+	args=$$($(BIN)/python -m tgm.profiles profiles/gpu.yaml) && $(BIN)/dvc exp run -n gpu-profile $$args
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
