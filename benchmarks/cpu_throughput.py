@@ -52,6 +52,7 @@ from tgm.model import TGM, TGMConfig  # noqa: E402
 CPU = torch.device("cpu")
 AMP = {"fp32": None, "bf16": torch.bfloat16}
 NO_ATTENTION = "T-GM, attention free"
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 class ImageGPTAsTGM(nn.Module):
@@ -117,6 +118,48 @@ def attention_free():
         F.scaled_dot_product_attention = real
 
 
+def _attention_in(dtype: torch.dtype | None, math_kernel: bool = False, explicit: bool = False):
+    """A stand-in for SDPA as T-GM calls it: attention in `dtype` (None: as called), through PyTorch's math
+    kernel, or written out as matmul, mask and softmax the way HF's eager attention is."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    real = F.scaled_dot_product_attention
+
+    def attention(q, k, v, is_causal=False, dropout_p=0.0, **kw):
+        called = q.dtype
+        q, k, v = (t.to(dtype) for t in (q, k, v)) if dtype else (q, k, v)
+        if explicit:  # HF's recipe: scores, mask and softmax all in the attention dtype
+            t = q.size(-2)
+            scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+            mask = torch.ones(t, t, dtype=torch.bool).tril()
+            y = torch.where(mask, scores, torch.finfo(scores.dtype).min).softmax(-1) @ v
+        else:
+            with sdpa_kernel(SDPBackend.MATH) if math_kernel else contextlib.nullcontext():
+                y = real(q, k, v, is_causal=is_causal, dropout_p=dropout_p, **kw)
+        return y.to(called)
+
+    @contextlib.contextmanager
+    def context():
+        F.scaled_dot_product_attention = attention
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = real
+
+    return context
+
+
+def attention_variants(amp: torch.dtype | None) -> dict[str, object]:
+    """Other attention paths T-GM could take at this dtype, each as an arm of `measure`: which is fastest
+    depends on the machine (CPU kind, torch build), so each machine measures its own."""
+    low = amp or torch.float32
+    return {
+        f"T-GM, SDPA in {DTYPE_NAMES[low]}": _attention_in(low),
+        f"T-GM, math SDPA in {DTYPE_NAMES[low]}": _attention_in(low, math_kernel=True),
+        f"T-GM, matmul attention in {DTYPE_NAMES[low]}": _attention_in(low, explicit=True),
+    }
+
+
 def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
     """Median tokens/s per model over alternating timed rounds of `args.steps` steps each. With --breakdown,
     a third arm times T-GM with attention free, in the same rounds: the ceiling of any faster attention."""
@@ -126,6 +169,8 @@ def measure(cfg: TGMConfig, args, amp: torch.dtype | None) -> dict[str, float]:
     }
     if args.breakdown:
         arms[NO_ATTENTION] = (lambda: TGM(cfg), attention_free)
+    if args.attention_variants:
+        arms.update({name: (lambda: TGM(cfg), context) for name, context in attention_variants(amp).items()})
     models = {}
     for name, (build, context) in arms.items():
         with context():
@@ -193,6 +238,12 @@ def main() -> None:
         help="also time T-GM with attention free (the ceiling of a faster attention), then profile "
         "T-GM's step: time in matrix products, attention and the rest",
     )
+    ap.add_argument(
+        "--attention-variants",
+        action="store_true",
+        help="also time T-GM with other attention paths (SDPA in the autocast dtype instead of T-GM's fp32 "
+        "upcast, PyTorch's math kernel, matmul + softmax), in the same rounds",
+    )
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if unknown := set(dtypes) - set(AMP):
@@ -259,6 +310,10 @@ def main() -> None:
             )
             for label, rate in (("attention free", free), ("attention at peak", at_peak)):
                 print(f"{name:<6}{'T-GM':<7}{rate:>11,.0f}{rate / tok_s['HF']:>9.2f}   <- {label}")
+        for variant in attention_variants(AMP[name]) if args.attention_variants else ():
+            rate = tok_s[variant]
+            row[variant] = rate
+            print(f"{name:<6}{'T-GM':<7}{rate:>11,.0f}{rate / tok_s['HF']:>9.2f}   <- {variant[6:]}")
         results[name] = row
     load_end = os.getloadavg()[0]
     print(f"load average (1 min) at end {load_end:.2f}")
