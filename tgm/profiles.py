@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from tgm.errors import UserError
-from tgm.params import Params, load_params
+from tgm.params import Params, parse_params
 
 
 def overrides(profile: str | Path) -> dict[str, object]:
@@ -36,10 +35,7 @@ def apply(profile: str | Path, params_path: str | Path = "params.yaml") -> Param
         if group not in params or key not in (params[group] or {}):
             raise UserError(f"{profile}: {name} is not a key of {params_path}")
         params[group][key] = value
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = Path(tmp) / Path(params_path).name
-        merged.write_text(yaml.safe_dump(params, sort_keys=False))
-        return load_params(merged)
+    return parse_params(params)
 
 
 def dvc_arguments(profile: str | Path, params_path: str | Path = "params.yaml") -> list[str]:
