@@ -87,15 +87,18 @@ def folder_images(root: Path) -> tuple[list[SourceImage], list[str]]:
     return images, empty
 
 
-def probe(path: Path | None) -> dict:
-    """Header facts about a file; empty values when it is not an image Pillow can open (or is not opened)."""
+NO_IMAGE = {"format": "", "width": -1, "height": -1, "mode": ""}  # header facts of what is not an image
+# The row of a link or special file, which is listed but never opened: the facts of an empty file.
+NOT_OPENED = {"sha256": hashlib.sha256(b"").hexdigest(), "size_bytes": 0, **NO_IMAGE}
+
+
+def probe(path: Path) -> dict:
+    """Header facts about a file; NO_IMAGE when it is not an image Pillow can open."""
     try:
-        if path is None:
-            raise FileNotFoundError
         with Image.open(path) as im:
             return {"format": im.format or "", "width": im.width, "height": im.height, "mode": im.mode}
     except Exception:  # noqa: BLE001 - any failure here just means "not readable as an image"; validate says why
-        return {"format": "", "width": -1, "height": -1, "mode": ""}
+        return NO_IMAGE
 
 
 def ingest_one(img: SourceImage, out_dir: Path, source: str) -> dict:
@@ -115,7 +118,7 @@ def ingest_one(img: SourceImage, out_dir: Path, source: str) -> dict:
     facts = (
         {"sha256": sha256_file(where), "size_bytes": where.stat().st_size, **probe(where)}
         if entry == "file"
-        else {"sha256": hashlib.sha256(b"").hexdigest(), "size_bytes": 0, **probe(None)}
+        else NOT_OPENED
     )
     return {
         "path": rel.as_posix(),

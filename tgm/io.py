@@ -88,14 +88,16 @@ def write_table(df, path: str | Path) -> None:
     df.to_csv(path, index=False, compression=TABLE_COMPRESSION)
 
 
-def ingested_files(raw_dir: str | Path, manifest) -> list[Path | None]:
-    """Where each manifest row's bytes are: the user's file itself (folder sources are read in place, never
-    copied), or the file ingest wrote under `raw_dir` (built-in sources). None for links and special files,
-    which are listed but never opened."""
+def ingested_files(raw_dir: str | Path, manifest) -> list[tuple[Path | None, str]]:
+    """(where, sha256) of each manifest row, what read_ingested takes: where is the user's file itself (folder
+    sources are read in place, never copied), or the file ingest wrote under `raw_dir` (built-in sources); None
+    for links and special files, which are listed but never opened."""
     raw_dir = Path(raw_dir)
     return [
-        None if entry != "file" else raw_dir / path if source.startswith("builtin:") else Path(source)
-        for path, entry, source in zip(manifest["path"], manifest["entry"], manifest["source"])
+        (None if entry != "file" else raw_dir / path if source.startswith("builtin:") else Path(source), sha256)
+        for path, entry, source, sha256 in zip(
+            manifest["path"], manifest["entry"], manifest["source"], manifest["sha256"]
+        )
     ]
 
 

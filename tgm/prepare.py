@@ -148,7 +148,7 @@ def prepare(
     manifest = schemas.check(schemas.AcceptedManifest, manifest, "accepted manifest")
     table = split_table(manifest, params)
     classes = class_order(table["label"])
-    pixels, color_mode = read_pixels(list(zip(ingested_files(raw_dir, manifest), manifest["sha256"])), params)
+    pixels, color_mode = read_pixels(ingested_files(raw_dir, manifest), params)
     spec = fit_spec(pixels, (table["split"] == "train").to_numpy(), color_mode, params)
     # Same two steps as preprocess.image_to_tokens, batched: the service uses that function on each image.
     tokens = quantize_to_palette(pixels.reshape(-1, pixels.shape[-1]), spec.palette).reshape(len(table), -1)

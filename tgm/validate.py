@@ -95,7 +95,7 @@ def inspect_file(file: tuple[Path | None, str], max_pixels: int) -> dict:
 
 def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidateParams) -> pd.DataFrame:
     inspect = functools.partial(inspect_file, max_pixels=params.max_pixels)
-    rows = map_in_order(inspect, list(zip(ingested_files(raw_dir, manifest), manifest["sha256"])))
+    rows = map_in_order(inspect, ingested_files(raw_dir, manifest))
     info = pd.DataFrame(rows, index=manifest.index)
     df = manifest.drop(columns=["format", "width", "height", "mode"]).join(info)
     df["label"] = df["label"].replace("", None)
