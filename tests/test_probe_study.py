@@ -161,3 +161,18 @@ def test_study_summarises_every_arm_over_its_subsets(built_project):
         by_arm = rows.groupby("arm")["test_accuracy"].mean()
         assert entry["tgm_minus_svm"] == pytest.approx(by_arm["tgm"] - by_arm["svm_rbf"], abs=1e-6)
     assert (built_project / "plots/label_efficiency.png").stat().st_size > 1000
+
+
+def test_the_study_trains_its_own_budget_whatever_finetune_max_steps_says():
+    """finetune.max_steps is not a dependency of the study stage, so it must not cut the study's fits short."""
+    import torch
+
+    from tgm.model import TGM, TGMConfig
+    from tgm.study import train_neural
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, (48, 16)), rng.integers(0, 2, 48)
+    model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
+    params = params_of("finetune", batch_size=16, max_steps=1)
+    history = train_neural(model, x, y, params, 3, None, (x[:8], y[:8]), torch.device("cpu"))
+    assert [row["epoch"] for row in history] == [1, 2, 3]

@@ -171,7 +171,10 @@ def train_neural(model, x, y, params: FinetuneParams, epochs: int, unlabelled, s
     """Fine-tune `model` in place for `epochs` epochs; with a selection set, return its per-epoch history."""
     from tgm.train import fit
 
-    budget = params.model_copy(update={"epochs": epochs, "patience": epochs + 1, "checkpoint_every": 0})
+    # The study sets its own budget (study.steps): none of finetune's stopping rules apply to its fits.
+    budget = params.model_copy(
+        update={"epochs": epochs, "patience": epochs + 1, "checkpoint_every": 0, "max_steps": None}
+    )
     train_log = logging.getLogger("tgm.train")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # dozens of short runs: one line per run below, not one per epoch
