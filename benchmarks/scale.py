@@ -6,15 +6,15 @@ disk, with 1 and more data workers, and how long a `dvc repro` with nothing to d
 
 Builds a fresh git + DVC project (this checkout's dvc.yaml and tgm/) with a folder of N 28x28 grey PNGs in
 data/sources/big (MNIST-5k repeated, every copy with its own seeded pixel noise, so no two files are equal) and
-ingest.source pointing at it. With --dvc-add the folder is also versioned the way docs/own-data.md describes:
+ingest.source pointing at it. With --dvc-add the folder is also versioned the way docs/scale.md describes:
 `dvc config --local cache.type hardlink` and `dvc add data/sources/big` (timed). After one untimed pass, for each
 worker count (TGM_DATA_WORKERS), `dvc repro -f -s` of ingest, validate and prepare, one stage at a time; then
 `pretrain` (default model, the last worker count's data; one epoch, or its first --pretrain-steps optimizer steps,
 which is enough for its peak memory); then `dvc repro` of the stages run so far, with nothing to do.
 
 Prints per stage: workers, seconds, ms per image, the peak memory of its largest process, and, after the data
-stages, the disk used by the source, the workspace outputs and the DVC cache together (a file hard-linked in
-several places counts once) over the source's size. The 1-worker rows are the baseline of the same run.
+stages, the disk used by the whole project (the folder, every workspace output, DVC's cache, git; a file
+hard-linked in several places counts once) over the folder's size. The 1-worker rows are the baseline of the same run.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def main() -> None:
         make_project(project, source, args.pretrain_steps)
         t0 = time.perf_counter()
         build_folder(source, args.images)  # after the commit: the images are never in git
-        print(f"built {args.images} PNGs in {time.perf_counter() - t0:.0f} s: {disk_bytes(source) / 1e6:.0f} MB")
         source_bytes = disk_bytes(source)
+        print(f"built {args.images} PNGs in {time.perf_counter() - t0:.0f} s: {source_bytes / 1e6:.0f} MB")
         rows = []
         if args.dvc_add:
             subprocess.run([str(BIN / "dvc"), "config", "--local", "cache.type", "hardlink"], cwd=project, check=True)
@@ -136,9 +136,7 @@ def main() -> None:
             for stage in ("ingest", "validate", "prepare"):
                 seconds, peak = run_stage(project, ["-f", "-s", stage], workers)
                 rows.append((stage, workers, seconds, peak))
-            data = [project / "data" / d for d in ("sources", "raw", "validated", "prepared")]
-            ratio = disk_bytes(*data, project / ".dvc" / "cache") / source_bytes
-            rows.append(("disk / source", workers, None, ratio))
+            rows.append(("disk / source", workers, None, disk_bytes(project) / source_bytes))
         last = "prepare"
         if not args.no_pretrain:
             seconds, peak = run_stage(project, ["-s", "pretrain"], workers)
