@@ -151,3 +151,41 @@ def test_max_steps_stops_training_after_that_many_steps():
     history, best = fit(model, toy_data(), toy_data(32, seed=1), params, "generative", torch.device("cpu"))
     # 4 steps per epoch: the second epoch ends after its second step, validated like any other.
     assert [r["epoch"] for r in history] == [1, 2] and 1 <= best <= 2
+
+
+def test_a_split_held_on_the_device_trains_as_one_read_from_disk(tmp_path, monkeypatch):
+    """The GPU's path (splits copied to the device once, batches gathered and augmented there, the unlabelled
+    pool drawn there) forced on the CPU: the same history and bit-identical weights as streaming from disk."""
+    import tgm.train
+    from tgm.tokens import TokenFile
+
+    train, val = toy_data(), toy_data(32, seed=1)
+    for name, tokens in (("train", train[0]), ("val", val[0])):
+        np.save(tmp_path / f"{name}.npy", tokens.astype(np.uint8))
+
+    def run():
+        seed_everything(0)
+        model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
+        params = params_of("finetune", epochs=3, batch_size=16, lr=0.01, augment_shift=1, augment_rotate=10.0)
+        history, _ = fit(
+            model,
+            (TokenFile(tmp_path / "train.npy"), train[1]),
+            (TokenFile(tmp_path / "val.npy"), val[1]),
+            params,
+            "classify",
+            torch.device("cpu"),
+            lambda_gen=0.5,
+            unlabelled=toy_data(40, seed=5)[0],
+        )
+        return model, history
+
+    streamed, history_streamed = run()
+    held = []
+    real_on_device = tgm.train.on_device
+    monkeypatch.setattr(tgm.train, "_resident", lambda tokens, device: True)
+    monkeypatch.setattr(tgm.train, "on_device", lambda tokens, device: held.append(1) or real_on_device(tokens, device))
+    resident, history_resident = run()
+    assert len(held) == 2  # train and val were both copied whole
+    assert history_resident == history_streamed
+    for (k, a), (_, b) in zip(streamed.state_dict().items(), resident.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -181,3 +181,57 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, digit
     for curve in ("train/loss.tsv", "val/bpp.tsv", "epoch.tsv"):
         live = Path("dvclive/pretrain/plots/metrics") / curve
         assert (crashy / live).read_text() == (steady / live).read_text(), curve
+
+
+def test_shifting_a_batch_at_once_equals_shifting_each_image():
+    """The batched shift (one gather, on any device) against the plain per-image crop it replaced."""
+
+    def one_by_one(tokens, k, gen):
+        B, T = tokens.shape
+        S = int(T**0.5)
+        grid = tokens.view(B, S, S)
+        fill = grid[:, :1, :1].expand(B, S + 2 * k, S + 2 * k).clone()
+        fill[:, k : k + S, k : k + S] = grid
+        offsets = torch.randint(0, 2 * k + 1, (B, 2), generator=gen).tolist()
+        return torch.stack([fill[b, dy : dy + S, dx : dx + S] for b, (dy, dx) in enumerate(offsets)]).reshape(B, T)
+
+    tokens = torch.randint(0, 16, (33, 49), generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 3):
+        expected = one_by_one(tokens, k, torch.Generator().manual_seed(k))
+        assert torch.equal(shift_images(tokens, k, torch.Generator().manual_seed(k)), expected), k
+
+
+class SlowToWrite(Checkpointer):
+    """Keeps the first checkpoint it is given, after taking long enough to write it that training has moved on."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.first = None
+
+    def save(self, state):
+        time.sleep(0.5)
+        super().save(state)
+        if self.first is None:
+            self.first = {k: v.clone() for k, v in state["model"].items()}
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_weights_of_its_step(tmp_path):
+    """Training goes on while a checkpoint is written: the file must still be the state at the step it was
+    taken (2), not the weights of the steps trained while it was being written."""
+    base = {"epochs": 2, "batch_size": 8, "lr": 0.01, "patience": 10, "augment_shift": 1}
+    slow = SlowToWrite(tmp_path, "fp", 2)
+    _, history = toy_fit(params_of("pretrain", checkpoint_every=2, **base), slow)
+    assert len(history) == 2  # 16 steps trained while the first checkpoint was being written
+    at_step_2, _ = toy_fit(params_of("pretrain", checkpoint_every=0, max_steps=2, **base))
+    for k, v in at_step_2.state_dict().items():
+        assert torch.equal(slow.first[k], v), k
+
+
+class FailsToWrite(Checkpointer):
+    def save(self, state):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_training_with_the_disk_error(tmp_path):
+    with pytest.raises(OSError, match="No space left"):
+        toy_fit(params_of("pretrain", epochs=2, batch_size=8, checkpoint_every=3), FailsToWrite(tmp_path, "fp", 3))

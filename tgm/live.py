@@ -14,8 +14,6 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 10  # optimizer steps per point of the training-loss curve: fine enough to see, small to store
@@ -66,12 +64,9 @@ class LiveCurves:
         if step > 0:
             _drop_after(self.directory / "plots", step)
 
-    def step(self, progress, loss_sum: torch.Tensor) -> None:
-        """After each optimizer step: `loss_sum` is (summed loss, images) of that step."""
-        total, images = progress.curve_loss
-        progress.curve_loss = (total + float(loss_sum[0]), images + int(loss_sum[1]))
-        if progress.step % LOG_EVERY == 0:
-            self._flush(progress)
+    def point(self, progress) -> None:
+        """Every LOG_EVERY optimizer steps: the mean of the training loss summed in `progress.curve_loss`."""
+        self._flush(progress)
 
     def _flush(self, progress) -> None:
         total, images = progress.curve_loss

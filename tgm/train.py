@@ -13,6 +13,12 @@ Crash safety: every `checkpoint_every` optimizer steps and at each epoch end, ra
 whole training state (weights, optimizer, schedule, RNGs, data order, history). The same command started
 again resumes from it and ends with the same numbers as an uninterrupted run.
 Same params + same machine -> same numbers.
+
+The loop keeps an accelerator busy with the same code that runs on the CPU: on a GPU the splits live on the
+device when they fit (tgm.tokens.on_device), batches are gathered and augmented there, losses are summed there
+and read by the host only when a curve point, a checkpoint or an epoch needs them, the best epoch's weights are
+copied device to device, AdamW is fused, and checkpoints are written by a background thread from a snapshot.
+On the CPU the tokens stream from disk a batch at a time (tgm.tokens.TokenFile).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,15 +43,16 @@ import torch.nn.functional as F
 
 from tgm.errors import DeviceUnavailable, TrainingDiverged
 from tgm.io import atomic_dir, atomic_file, write_json
-from tgm.live import LiveCurves
+from tgm.live import LOG_EVERY, LiveCurves
 from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
 from tgm.params import FinetuneParams, ModelParams, TrainParams
-from tgm.tokens import TokenFile
+from tgm.tokens import TokenFile, nbytes, on_device
 
 log = logging.getLogger(__name__)
 Objective = Literal["generative", "classify"]
 LN2 = math.log(2.0)
 CHECKPOINT_FILE = "checkpoint.pt"
+RESIDENT_SHARE = 0.25  # a split is kept on the GPU when it takes at most this share of the free device memory
 
 
 @dataclass(frozen=True)
@@ -120,10 +128,13 @@ def make_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.A
     # Decay matrices and embeddings; biases and LayerNorm gains are left alone.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # One fused kernel per step on CUDA; on the CPU the default (foreach) keeps the numbers runs have given.
+    fused = all(p.is_cuda for p in decay + no_decay) or None
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=params.lr,
         betas=(0.9, 0.95),
+        fused=fused,
     )
 
 
@@ -137,15 +148,19 @@ def lr_factor(step: int, total: int, warmup: int, min_fraction: float) -> float:
 
 def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each square image by up to max_shift pixels each way; uncovered pixels take the image's
-    top-left pixel (the background on digits, scans and most photos of objects)."""
+    top-left pixel (the background on digits, scans and most photos of objects). The offsets are drawn from
+    `generator` (a CPU one, so that every device draws the same); the images stay on their device."""
     B, T = tokens.shape
     S = math.isqrt(T)
     k = max_shift
     grid = tokens.view(B, S, S)
     fill = grid[:, :1, :1].expand(B, S + 2 * k, S + 2 * k).clone()
     fill[:, k : k + S, k : k + S] = grid
-    offsets = torch.randint(0, 2 * k + 1, (B, 2), generator=generator)
-    out = torch.stack([fill[b, dy : dy + S, dx : dx + S] for b, (dy, dx) in enumerate(offsets.tolist())])
+    offsets = torch.randint(0, 2 * k + 1, (B, 2), generator=generator).to(tokens.device)
+    span = torch.arange(S, device=tokens.device)
+    rows = (offsets[:, 0:1] + span)[:, :, None]  # (B, S, 1): each image's window into its padded copy
+    cols = (offsets[:, 1:2] + span)[:, None, :]  # (B, 1, S)
+    out = fill[torch.arange(B, device=tokens.device)[:, None, None], rows, cols]
     return out.reshape(B, T)
 
 
@@ -158,6 +173,7 @@ def warp_images(tokens: torch.Tensor, degrees: float, scale: float, generator: t
     zoom = 1 + (torch.rand(B, generator=generator) * 2 - 1) * scale
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1), torch.stack([sin, cos, torch.zeros(B)], 1)], 1)
+    theta = theta.to(tokens.device)
     fill = tokens[:, :1].float().view(B, 1, 1, 1)
     grid = F.affine_grid(theta, (B, 1, S, S), align_corners=False)
     moved = (
@@ -194,17 +210,22 @@ def evaluate_split(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Mean losses over a split; bits per pixel = next-pixel cross-entropy / ln 2."""
+    """Mean losses over a split; bits per pixel = next-pixel cross-entropy / ln 2. `tokens` and `labels` may be
+    tensors already on the device (a resident split)."""
     model.eval()
-    sums = {"gen_loss": 0.0, "cls_loss": 0.0, "correct": 0.0}
+    keys = ("gen_loss", "cls_loss", "correct")
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # read once, at the end
     n = len(tokens)
     for i in range(0, n, batch_size):
-        x = torch.from_numpy(np.asarray(tokens[i : i + batch_size], dtype=np.int64)).to(device)
-        y = torch.from_numpy(labels[i : i + batch_size]).to(device) if labels is not None else None
+        x, y = _as_long(tokens[i : i + batch_size], device), None
+        if labels is not None:
+            y = _as_long(labels[i : i + batch_size], device)
         with autocast(device, amp_dtype):
             _, parts = batch_losses(model, x, y, objective, lambda_gen)
-        for k, v in parts.items():
-            sums[k] += float(v) * (1 if k == "correct" else len(x))
+        for j, k in enumerate(keys):
+            if k in parts:
+                sums[j] += parts[k].double() * (1 if k == "correct" else len(x))
+    sums = dict(zip(keys, sums.tolist()))
     out = {"gen_loss": sums["gen_loss"] / n, "bpp": sums["gen_loss"] / n / LN2}
     if objective == "classify":
         out.update(cls_loss=sums["cls_loss"] / n, accuracy=sums["correct"] / n)
@@ -212,6 +233,12 @@ def evaluate_split(
     else:
         out["loss"] = out["gen_loss"]
     return out
+
+
+def _as_long(rows, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows.to(device).long()
+    return torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device, non_blocking=True)
 
 
 class Checkpointer:
@@ -252,8 +279,61 @@ class Checkpointer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _cpu_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+def _snapshot(obj):
+    """A copy of a training state that later steps cannot change, on the host. A CUDA tensor is copied into
+    pinned memory without waiting: the copy is queued behind the step that made it, before any later one."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return host.copy_(obj.detach(), non_blocking=True)
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj  # numbers, strings, None: immutable
+
+
+class CheckpointWriter:
+    """Writes each checkpoint from a snapshot in a background thread, one at a time, so that training goes
+    on while the file is serialised and flushed to disk. An error in the thread is raised in the training
+    thread at the next checkpoint or at `wait`."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, state: dict) -> None:
+        self.wait()
+        snapshot = _snapshot(state)
+        copied = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            copied = torch.cuda.Event()
+            copied.record()
+        self.thread = threading.Thread(target=self._write, args=(snapshot, copied), name="tgm-checkpoint")
+        self.thread.start()
+
+    def _write(self, snapshot: dict, copied) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            self.checkpointer.save(snapshot)
+        except BaseException as e:  # noqa: BLE001 (handed to the training thread, which re-raises it)
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _device_copy(module: torch.nn.Module) -> dict:
+    """The module's weights, copied where they are: no trip to the host, no wait."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @dataclass
@@ -292,8 +372,10 @@ class Run:
     lambda_gen: float
     dist: Dist
     checkpointer: Checkpointer | None
+    writer: CheckpointWriter | None  # writes the checkpointer's files in the background (main process only)
     curves: LiveCurves | None  # step-level curves (main process only)
-    tokens: TokenFile | np.ndarray  # read a batch at a time (tgm.tokens)
+    data_device: torch.device  # where tokens, labels and pool are: `device` when resident, else the CPU
+    tokens: TokenFile | np.ndarray | torch.Tensor  # read a batch at a time (tgm.tokens), or resident
     labels: torch.Tensor
     pool: torch.Tensor | None  # unlabelled images mixed into each batch (classify only)
     opt: torch.optim.Optimizer
@@ -313,6 +395,15 @@ class Run:
         return "gen_loss" if self.objective == "generative" else "cls_loss"
 
 
+def _resident(tokens: TokenFile | np.ndarray, device: torch.device) -> bool:
+    """Whether a split is copied to the device once, rather than read a batch at a time: on a GPU, when it
+    takes a small share of the memory free there. On the CPU it streams, which bounds the process's memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes(tokens) <= RESIDENT_SHARE * free
+
+
 def _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves) -> Run:
     total = math.ceil(len(train[0]) / params.batch_size) * params.epochs
     warmup = max(1, int(total * params.warmup_fraction))
@@ -327,6 +418,8 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         train_model = ddp
     if params.compile:
         train_model = torch.compile(train_model)
+    data_device = device if _resident(train[0], device) else torch.device("cpu")
+    has_pool = unlabelled is not None and len(unlabelled) > 0
     return Run(
         model=model,
         train_model=train_model,
@@ -337,10 +430,12 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         lambda_gen=lambda_gen,
         dist=dist,
         checkpointer=checkpointer,
+        writer=CheckpointWriter(checkpointer) if checkpointer is not None and dist.is_main else None,
         curves=curves if dist.is_main else None,
-        tokens=train[0],
-        labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)),
-        pool=torch.from_numpy(unlabelled) if unlabelled is not None and len(unlabelled) else None,
+        data_device=data_device,
+        tokens=on_device(train[0], device) if data_device == device else train[0],
+        labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)).to(data_device),
+        pool=torch.as_tensor(np.asarray(unlabelled)).to(data_device) if has_pool else None,
         opt=opt,
         sched=sched,
         amp_dtype=resolve_precision(params.precision, device),
@@ -373,10 +468,10 @@ def _resume(run: Run) -> Progress:
 
 
 def _save_checkpoint(run: Run, progress: Progress) -> None:
-    if run.checkpointer is None or not run.dist.is_main:
+    if run.writer is None:
         return
     state = {
-        "model": _cpu_state(run.model),
+        "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -387,7 +482,7 @@ def _save_checkpoint(run: Run, progress: Progress) -> None:
     }
     if run.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(run.device)
-    run.checkpointer.save(state)
+    run.writer.submit(state)
 
 
 def _epoch_order(run: Run, progress: Progress) -> torch.Tensor:
@@ -395,16 +490,19 @@ def _epoch_order(run: Run, progress: Progress) -> torch.Tensor:
         progress.epoch_order_rng = run.order_gen.get_state()
     else:  # resuming inside an epoch: replay the same shuffle
         run.order_gen.set_state(progress.epoch_order_rng)
-    return torch.randperm(len(run.tokens), generator=run.order_gen)
+    # Drawn on the CPU generator whatever the device, so that a resumed or moved run shuffles the same.
+    return torch.randperm(len(run.tokens), generator=run.order_gen).to(run.data_device)
 
 
 def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `idx` with its share of unlabelled images, augmented: the whole global batch, on every rank."""
+    """Batch `idx` with its share of unlabelled images, augmented, on the training device: the whole global
+    batch, on every rank."""
     params = run.params
-    xb = torch.from_numpy(np.asarray(run.tokens[idx.numpy()], dtype=np.int64))
-    yb = run.labels[idx]
+    xb = _as_long(run.tokens[idx] if run.data_device == run.device else run.tokens[idx.numpy()], run.device)
+    yb = run.labels[idx].to(run.device)
     if run.pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
-        extra = run.pool[torch.randint(0, len(run.pool), (len(idx),), generator=run.pool_gen)]
+        draw = torch.randint(0, len(run.pool), (len(idx),), generator=run.pool_gen).to(run.data_device)
+        extra = run.pool[draw].to(run.device).long()
         xb = torch.stack([xb, extra], dim=1).reshape(-1, xb.size(1))
         yb = torch.stack([yb, torch.full_like(yb, -1)], dim=1).reshape(-1)
     # Augmentation covers the whole global batch on every rank: the same draws as one process.
@@ -415,28 +513,37 @@ def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return xb, yb
 
 
+def _micro_batches(run: Run, size: int) -> list[slice]:
+    """This rank's micro-batches of a global batch of `size`: every rank holds the whole global batch and
+    takes its own consecutive share of it."""
+    parts = run.dist.world * run.params.grad_accum
+    q, r = divmod(size, parts)
+    bounds = [i * q + min(i, r) for i in range(parts + 1)]  # torch.tensor_split's: the first r parts get one more
+    mine = range(run.dist.rank * run.params.grad_accum, (run.dist.rank + 1) * run.params.grad_accum)
+    return [slice(bounds[i], bounds[i + 1]) for i in mine]
+
+
 def _optimizer_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on this rank's micro-batches of the global batch; returns (summed loss, images)."""
+    """One optimizer step on this rank's micro-batches of the global batch; returns (summed loss, images) as a
+    float64 tensor on the device, without waiting for it."""
     params, dist = run.params, run.dist
-    # Every rank holds the whole global batch and takes its own micro-batches of it.
-    micro = torch.tensor_split(torch.arange(len(xb)), dist.world * params.grad_accum)[
-        dist.rank * params.grad_accum : (dist.rank + 1) * params.grad_accum
-    ]
+    micro = _micro_batches(run, len(xb))
     run.opt.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros(2, dtype=torch.float64)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=run.device)
     for j, m in enumerate(micro):
         # A batch too small to give every rank a micro-batch still runs one (weighted 0) so that
         # all ranks take part in the gradient all-reduce.
-        weight = len(m) / len(xb) * dist.world
-        if len(m) == 0:
-            m, weight = torch.arange(1), 0.0
-        x, y = xb[m], yb[m]
+        images = m.stop - m.start
+        weight = images / len(xb) * dist.world
+        if images == 0:
+            m, weight = slice(0, 1), 0.0
         sync = run.ddp is None or j == len(micro) - 1
         with contextlib.nullcontext() if sync else run.ddp.no_sync(), autocast(run.device, run.amp_dtype):
-            loss, _ = batch_losses(run.train_model, x.to(run.device), y.to(run.device), run.objective, run.lambda_gen)
+            loss, _ = batch_losses(run.train_model, xb[m], yb[m], run.objective, run.lambda_gen)
         (loss * weight).backward()
         if weight:
-            loss_sum += torch.tensor([loss.item() * len(m), len(m)], dtype=torch.float64)
+            loss_sum[0] += loss.detach().double() * images
+            loss_sum[1] += images
     if params.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), params.grad_clip)
     run.opt.step()
@@ -444,6 +551,28 @@ def _optimizer_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tenso
     if dist.world > 1:
         torch.distributed.all_reduce(loss_sum)
     return loss_sum
+
+
+class _Tally:
+    """Progress's training-loss sums (run_loss, seen, curve_loss) kept on the device between the moments the
+    host reads them: the same additions in the same order as on the host, with no wait per step."""
+
+    def __init__(self, progress: Progress, device: torch.device, curves: bool):
+        self.device, self.width = device, 4 if curves else 2  # without curves, curve_loss stays as it is
+        self.load(progress)
+
+    def load(self, progress: Progress) -> None:
+        sums = [progress.run_loss, progress.seen, *progress.curve_loss][: self.width]
+        self.sums = torch.tensor(sums, dtype=torch.float64, device=self.device)
+
+    def add(self, loss_sum: torch.Tensor) -> None:
+        self.sums += loss_sum.repeat(self.width // 2)
+
+    def settle(self, progress: Progress) -> None:
+        sums = self.sums.tolist()  # the one wait for the device
+        progress.run_loss, progress.seen = sums[0], int(sums[1])
+        if self.width == 4:
+            progress.curve_loss = (sums[2], int(sums[3]))
 
 
 def _train_epoch(run: Run, progress: Progress) -> None:
@@ -463,24 +592,31 @@ def _train_epoch(run: Run, progress: Progress) -> None:
         leave=False,
         dynamic_ncols=True,
     )
+    shown = not bar.disable
+    tally = _Tally(progress, run.device, curves=run.curves is not None)
     for b in range(progress.batch, run.steps_per_epoch):
-        loss_sum = _optimizer_step(run, *_global_batch(run, order[b * batch : (b + 1) * batch]))
-        progress.run_loss += float(loss_sum[0])
-        progress.seen += int(loss_sum[1])
+        tally.add(_optimizer_step(run, *_global_batch(run, order[b * batch : (b + 1) * batch])))
         progress.step += 1
         progress.batch = b + 1
-        if run.curves:
-            run.curves.step(progress, loss_sum)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{progress.run_loss / max(1, progress.seen):.4f}",
-            tok_s=f"{(progress.seen - seen_at_start) * seq_len / max(time.perf_counter() - t0, 1e-9):.0f}",
-        )
-        if run.checkpointer and run.checkpointer.every and progress.step % run.checkpointer.every == 0:
-            _save_checkpoint(run, progress)
+        # The host reads the losses only when something needs them: a curve point, the bar, a checkpoint.
+        checkpoint = run.writer is not None and run.checkpointer.every and progress.step % run.checkpointer.every == 0
+        point = run.curves is not None and progress.step % LOG_EVERY == 0
+        if checkpoint or point or (shown and progress.step % LOG_EVERY == 0):
+            tally.settle(progress)
+            if point:
+                run.curves.point(progress)
+            bar.set_postfix(
+                loss=f"{progress.run_loss / max(1, progress.seen):.4f}",
+                tok_s=f"{(progress.seen - seen_at_start) * seq_len / max(time.perf_counter() - t0, 1e-9):.0f}",
+            )
+            if checkpoint:
+                _save_checkpoint(run, progress)
+            tally.load(progress)
         if run.params.max_steps and progress.step >= run.params.max_steps:
             progress.stopped = True  # this epoch still ends (validation, history) as a shorter one
             break
+    tally.settle(progress)
     bar.close()
 
 
@@ -508,7 +644,7 @@ def _end_epoch(run: Run, progress: Progress, val, epoch_time: float, tokens_per_
     if val is not None:
         if watched < progress.best - 1e-6:
             progress.best, progress.best_epoch, progress.bad_epochs = watched, epoch, 0
-            progress.best_state = _cpu_state(run.model)
+            progress.best_state = _device_copy(run.model)
         else:
             progress.bad_epochs += 1
             if progress.bad_epochs >= run.params.patience:
@@ -560,17 +696,27 @@ def fit(
     Returns the per-epoch history and the number of the epoch whose weights were kept.
     """
     run = _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves)
+    if val is not None and _resident(val[0], device):
+        val = (on_device(val[0], device), torch.as_tensor(np.asarray(val[1], dtype=np.int64), device=device))
     progress = _resume(run)
     if run.curves:
         run.curves.start(progress.step)
     start, speeds, seq_len = time.perf_counter(), [], train[0].shape[1]
-    while progress.epoch <= params.epochs and not progress.stopped:
-        t0, seen_at_start = time.perf_counter(), progress.seen
-        _train_epoch(run, progress)
-        epoch_time = time.perf_counter() - t0
-        speeds.append((progress.seen - seen_at_start) * seq_len / epoch_time)  # logged only: timings vary
-        _end_epoch(run, progress, val, epoch_time, speeds[-1])
-        _save_checkpoint(run, progress)
+    try:
+        while progress.epoch <= params.epochs and not progress.stopped:
+            t0, seen_at_start = time.perf_counter(), progress.seen
+            _train_epoch(run, progress)
+            epoch_time = time.perf_counter() - t0
+            speeds.append((progress.seen - seen_at_start) * seq_len / epoch_time)  # logged only: timings vary
+            _end_epoch(run, progress, val, epoch_time, speeds[-1])
+            _save_checkpoint(run, progress)
+    except BaseException:
+        if run.writer is not None:  # let a checkpoint being written finish; the first error is the one to see
+            with contextlib.suppress(BaseException):
+                run.writer.wait()
+        raise
+    if run.writer is not None:
+        run.writer.wait()
     if restore_best and progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     if speeds:
