@@ -189,3 +189,25 @@ def test_a_split_held_on_the_device_trains_as_one_read_from_disk(tmp_path, monke
     assert history_resident == history_streamed
     for (k, a), (_, b) in zip(streamed.state_dict().items(), resident.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_compiled_blocks_train_like_eager_and_save_the_same_keys(tmp_path):
+    """compile: true compiles each block in place (regional): training follows the eager run, and the weights
+    keep their names (no `_orig_mod.` prefix) for save_model, the registry and the service."""
+
+    def run(compile_):
+        seed_everything(0)
+        model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=2, n_head=2, n_embd=16, n_classes=2))
+        params = params_of("finetune", epochs=2, batch_size=24, lr=0.01, precision="fp32", compile=compile_)
+        history, _ = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"), 0.5)
+        return model, history
+
+    eager, history_eager = run(False)
+    compiled, history_compiled = run(True)
+    assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl for block in compiled.blocks)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert [r["epoch"] for r in history_compiled] == [r["epoch"] for r in history_eager]
+    for a, b in zip(history_eager, history_compiled):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    for (k, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=k)

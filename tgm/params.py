@@ -106,7 +106,7 @@ class TrainParams(Group):
     device: Str = Field(description="auto | cpu | cuda | cuda:N")
     grad_accum: Int = Field(ge=1, description="micro-batches per optimizer step; batch_size stays the global batch")
     precision: Literal["auto", "fp32", "bf16"] = Field(description="auto: bf16 where the device runs it natively")
-    compile: Bool = Field(description="torch.compile the model for training (pays off on CUDA)")
+    compile: Bool = Field(description="torch.compile each transformer block for training (pays off on CUDA)")
     checkpoint_every: Int = Field(ge=0, description="optimizer steps between crash-safe checkpoints; 0: off")
     augment_shift: Int = Field(ge=0, description="shift training images by up to this many pixels")
     augment_rotate: Float = Field(ge=0, le=180, description="rotate training images by up to this many degrees")

@@ -4,7 +4,8 @@
 - classify (finetune): cross-entropy on the class + lambda_gen * next-pixel cross-entropy (iGPT's joint loss).
 
 AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient clipping and accumulation,
-bf16 autocast, optional torch.compile, early stopping on the validation split with the best weights restored.
+bf16 autocast, optional torch.compile (of the blocks), early stopping on the validation split with the best
+weights restored.
 Under `torchrun --nproc_per_node=N` the same code trains with DistributedDataParallel (gloo on CPU, nccl on
 GPU): `batch_size` is the global batch, each optimizer step splits it over ranks x grad_accum micro-batches,
 so N processes follow the single-process run up to floating-point summation order.
@@ -146,6 +147,14 @@ def lr_factor(step: int, total: int, warmup: int, min_fraction: float) -> float:
     return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. A host tensor goes to a GPU through pinned memory, asynchronously: a plain `.to("cuda")`
+    from pageable memory waits for every kernel already queued, which would stall the loop once per batch."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each square image by up to max_shift pixels each way; uncovered pixels take the image's
     top-left pixel (the background on digits, scans and most photos of objects). The offsets are drawn from
@@ -156,7 +165,7 @@ def shift_images(tokens: torch.Tensor, max_shift: int, generator: torch.Generato
     grid = tokens.view(B, S, S)
     fill = grid[:, :1, :1].expand(B, S + 2 * k, S + 2 * k).clone()
     fill[:, k : k + S, k : k + S] = grid
-    offsets = torch.randint(0, 2 * k + 1, (B, 2), generator=generator).to(tokens.device)
+    offsets = to_device(torch.randint(0, 2 * k + 1, (B, 2), generator=generator), tokens.device)
     span = torch.arange(S, device=tokens.device)
     rows = (offsets[:, 0:1] + span)[:, :, None]  # (B, S, 1): each image's window into its padded copy
     cols = (offsets[:, 1:2] + span)[:, None, :]  # (B, 1, S)
@@ -173,7 +182,7 @@ def warp_images(tokens: torch.Tensor, degrees: float, scale: float, generator: t
     zoom = 1 + (torch.rand(B, generator=generator) * 2 - 1) * scale
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1), torch.stack([sin, cos, torch.zeros(B)], 1)], 1)
-    theta = theta.to(tokens.device)
+    theta = to_device(theta, tokens.device)
     fill = tokens[:, :1].float().view(B, 1, 1, 1)
     grid = F.affine_grid(theta, (B, 1, S, S), align_corners=False)
     moved = (
@@ -238,7 +247,7 @@ def evaluate_split(
 def _as_long(rows, device: torch.device) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
         return rows.to(device).long()
-    return torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device, non_blocking=True)
+    return to_device(torch.from_numpy(np.asarray(rows, dtype=np.int64)), device)
 
 
 class Checkpointer:
@@ -395,6 +404,15 @@ class Run:
         return "gen_loss" if self.objective == "generative" else "cls_loss"
 
 
+def compile_blocks(model: TGM) -> None:
+    """torch.compile each transformer block in place ("regional" compilation). The blocks share one graph,
+    compiled once per input shape and reused by every layer, so compile time does not grow with depth; and
+    `pretrain` and `finetune` run the same block graph, so the second stage finds it in inductor's on-disk
+    cache (TORCHINDUCTOR_CACHE_DIR) instead of compiling again. Embedding, heads and losses stay eager."""
+    for block in model.blocks:
+        block.compile()
+
+
 def _resident(tokens: TokenFile | np.ndarray, device: torch.device) -> bool:
     """Whether a split is copied to the device once, rather than read a batch at a time: on a GPU, when it
     takes a small share of the memory free there. On the CPU it streams, which bounds the process's memory."""
@@ -417,7 +435,7 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         )
         train_model = ddp
     if params.compile:
-        train_model = torch.compile(train_model)
+        compile_blocks(model)
     data_device = device if _resident(train[0], device) else torch.device("cpu")
     has_pool = unlabelled is not None and len(unlabelled) > 0
     return Run(
@@ -491,7 +509,7 @@ def _epoch_order(run: Run, progress: Progress) -> torch.Tensor:
     else:  # resuming inside an epoch: replay the same shuffle
         run.order_gen.set_state(progress.epoch_order_rng)
     # Drawn on the CPU generator whatever the device, so that a resumed or moved run shuffles the same.
-    return torch.randperm(len(run.tokens), generator=run.order_gen).to(run.data_device)
+    return to_device(torch.randperm(len(run.tokens), generator=run.order_gen), run.data_device)
 
 
 def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,10 +517,10 @@ def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     batch, on every rank."""
     params = run.params
     xb = _as_long(run.tokens[idx] if run.data_device == run.device else run.tokens[idx.numpy()], run.device)
-    yb = run.labels[idx].to(run.device)
+    yb = to_device(run.labels[idx], run.device)
     if run.pool is not None:  # interleaved, so that every micro-batch gets its share of both kinds
-        draw = torch.randint(0, len(run.pool), (len(idx),), generator=run.pool_gen).to(run.data_device)
-        extra = run.pool[draw].to(run.device).long()
+        draw = to_device(torch.randint(0, len(run.pool), (len(idx),), generator=run.pool_gen), run.data_device)
+        extra = to_device(run.pool[draw], run.device).long()
         xb = torch.stack([xb, extra], dim=1).reshape(-1, xb.size(1))
         yb = torch.stack([yb, torch.full_like(yb, -1)], dim=1).reshape(-1)
     # Augmentation covers the whole global batch on every rank: the same draws as one process.
