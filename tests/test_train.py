@@ -182,10 +182,10 @@ def test_a_split_held_on_the_device_trains_as_one_read_from_disk(tmp_path, monke
     streamed, history_streamed = run()
     held = []
     real_on_device = tgm.train.on_device
-    monkeypatch.setattr(tgm.train, "_resident", lambda tokens, device: True)
+    monkeypatch.setattr(tgm.train, "_resident", lambda need, device: True)
     monkeypatch.setattr(tgm.train, "on_device", lambda tokens, device: held.append(1) or real_on_device(tokens, device))
     resident, history_resident = run()
-    assert len(held) == 2  # train and val were both copied whole
+    assert len(held) == 3  # train, the unlabelled pool and val were copied whole
     assert history_resident == history_streamed
     for (k, a), (_, b) in zip(streamed.state_dict().items(), resident.state_dict().items()):
         assert torch.equal(a, b), k

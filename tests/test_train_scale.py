@@ -221,7 +221,7 @@ def test_a_checkpoint_written_in_the_background_holds_the_weights_of_its_step(tm
     base = {"epochs": 2, "batch_size": 8, "lr": 0.01, "patience": 10, "augment_shift": 1}
     slow = SlowToWrite(tmp_path, "fp", 2)
     _, history = toy_fit(params_of("pretrain", checkpoint_every=2, **base), slow)
-    assert len(history) == 2  # 16 steps trained while the first checkpoint was being written
+    assert len(history) == 2  # steps 3 and 4 ran while step 2's checkpoint was written; step 4's waited for it
     at_step_2, _ = toy_fit(params_of("pretrain", checkpoint_every=0, max_steps=2, **base))
     for k, v in at_step_2.state_dict().items():
         assert torch.equal(slow.first[k], v), k

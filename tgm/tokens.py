@@ -71,16 +71,29 @@ class TokenFile:
             yield self.read(slice(start, start + BLOCK_ROWS))
 
 
-def on_device(tokens: TokenFile | np.ndarray, device) -> torch.Tensor:
-    """The whole split as one tensor on `device`, in its stored dtype (uint16 widened to int32, which torch
-    indexes everywhere): training then gathers each batch there instead of reading and copying it."""
-    import torch
-
-    rows = np.concatenate(list(tokens.blocks())) if isinstance(tokens, TokenFile) else np.asarray(tokens)
-    if rows.dtype == np.uint16:
-        rows = rows.astype(np.int32)
-    return torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+def resident_dtype(dtype) -> np.dtype:
+    """The dtype a split takes on the device: the stored one, uint16 widened to int32 (which torch indexes)."""
+    return np.dtype(np.int32) if np.dtype(dtype) == np.uint16 else np.dtype(dtype)
 
 
 def nbytes(tokens: TokenFile | np.ndarray) -> int:
-    return len(tokens) * tokens.shape[1] * np.dtype(tokens.dtype).itemsize
+    """What `on_device` will take on the device."""
+    return len(tokens) * tokens.shape[1] * resident_dtype(tokens.dtype).itemsize
+
+
+def on_device(tokens: TokenFile | np.ndarray, device) -> torch.Tensor:
+    """The whole split as one tensor on `device` (in `resident_dtype`): training then gathers each batch there
+    instead of reading and copying it. Filled block by block, so the host holds one block at a time."""
+    import torch  # noqa: F811 (imported here: this module is read where torch is not needed)
+
+    dtype = resident_dtype(tokens.dtype)
+    out = torch.empty(tuple(tokens.shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=device)
+    if isinstance(tokens, TokenFile):
+        blocks = tokens.blocks()
+    else:
+        blocks = (tokens[i : i + BLOCK_ROWS] for i in range(0, len(tokens), BLOCK_ROWS))
+    start = 0
+    for block in blocks:
+        out[start : start + len(block)] = torch.from_numpy(np.array(block, dtype=dtype))  # a writable copy
+        start += len(block)
+    return out

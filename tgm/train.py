@@ -222,6 +222,13 @@ def evaluate_split(
     """Mean losses over a split; bits per pixel = next-pixel cross-entropy / ln 2. `tokens` and `labels` may be
     tensors already on the device (a resident split)."""
     model.eval()
+    # Compiled blocks (compile: true) run eager here: compilation is for training, and validation's shapes
+    # (no grad, a larger batch, the split's own last batch) would each compile again.
+    with torch.compiler.set_stance("force_eager"):
+        return _evaluate_split(model, tokens, labels, objective, lambda_gen, batch_size, device, amp_dtype)
+
+
+def _evaluate_split(model, tokens, labels, objective, lambda_gen, batch_size, device, amp_dtype) -> dict:
     keys = ("gen_loss", "cls_loss", "correct")
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # read once, at the end
     n = len(tokens)
@@ -252,7 +259,8 @@ def _as_long(rows, device: torch.device) -> torch.Tensor:
 
 class Checkpointer:
     """One training-state file, replaced atomically; it is only resumed by a run with the same fingerprint
-    (objective, params, model config, training data), so a changed experiment never picks up stale state."""
+    (objective, device kind, params, model config, training data), so a changed experiment never picks up stale
+    state, nor a CPU run a GPU's (its optimizer is the fused one, and its numbers are the GPU's)."""
 
     def __init__(self, directory: str | Path, fingerprint: str, every: int):
         self.directory, self.fingerprint, self.every = Path(directory), fingerprint, every
@@ -308,8 +316,8 @@ class CheckpointWriter:
     on while the file is serialised and flushed to disk. An error in the thread is raised in the training
     thread at the next checkpoint or at `wait`."""
 
-    def __init__(self, checkpointer: Checkpointer):
-        self.checkpointer = checkpointer
+    def __init__(self, checkpointer: Checkpointer, device: torch.device):
+        self.checkpointer, self.device = checkpointer, device
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -317,9 +325,8 @@ class CheckpointWriter:
         self.wait()
         snapshot = _snapshot(state)
         copied = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            copied = torch.cuda.Event()
-            copied.record()
+        if self.device.type == "cuda":  # on the training device's stream, which need not be the current device's
+            copied = torch.cuda.current_stream(self.device).record_event()
         self.thread = threading.Thread(target=self._write, args=(snapshot, copied), name="tgm-checkpoint")
         self.thread.start()
 
@@ -413,13 +420,13 @@ def compile_blocks(model: TGM) -> None:
         block.compile()
 
 
-def _resident(tokens: TokenFile | np.ndarray, device: torch.device) -> bool:
-    """Whether a split is copied to the device once, rather than read a batch at a time: on a GPU, when it
-    takes a small share of the memory free there. On the CPU it streams, which bounds the process's memory."""
+def _resident(need: int, device: torch.device) -> bool:
+    """Whether data of `need` bytes is copied to the device once, rather than read a batch at a time: on a GPU,
+    when it takes a small share of the memory free there. On the CPU it streams, which bounds the memory."""
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return nbytes(tokens) <= RESIDENT_SHARE * free
+    return need <= RESIDENT_SHARE * free
 
 
 def _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves) -> Run:
@@ -436,8 +443,9 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         train_model = ddp
     if params.compile:
         compile_blocks(model)
-    data_device = device if _resident(train[0], device) else torch.device("cpu")
     has_pool = unlabelled is not None and len(unlabelled) > 0
+    need = nbytes(train[0]) + (nbytes(np.asarray(unlabelled)) if has_pool else 0)
+    data_device = device if _resident(need, device) else torch.device("cpu")
     return Run(
         model=model,
         train_model=train_model,
@@ -448,12 +456,12 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         lambda_gen=lambda_gen,
         dist=dist,
         checkpointer=checkpointer,
-        writer=CheckpointWriter(checkpointer) if checkpointer is not None and dist.is_main else None,
+        writer=CheckpointWriter(checkpointer, device) if checkpointer is not None and dist.is_main else None,
         curves=curves if dist.is_main else None,
         data_device=data_device,
         tokens=on_device(train[0], device) if data_device == device else train[0],
         labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)).to(data_device),
-        pool=torch.as_tensor(np.asarray(unlabelled)).to(data_device) if has_pool else None,
+        pool=on_device(np.asarray(unlabelled), data_device) if has_pool else None,
         opt=opt,
         sched=sched,
         amp_dtype=resolve_precision(params.precision, device),
@@ -714,7 +722,7 @@ def fit(
     Returns the per-epoch history and the number of the epoch whose weights were kept.
     """
     run = _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves)
-    if val is not None and _resident(val[0], device):
+    if val is not None and _resident(nbytes(val[0]), device):
         val = (on_device(val[0], device), torch.as_tensor(np.asarray(val[1], dtype=np.int64), device=device))
     progress = _resume(run)
     if run.curves:
@@ -791,7 +799,7 @@ def pretrain(
         )
     ckpt = Checkpointer(
         checkpoint_dir,
-        Checkpointer.fingerprint_of("generative", params.model_dump(), asdict(cfg), train[0]),
+        Checkpointer.fingerprint_of("generative", device.type, params.model_dump(), asdict(cfg), train[0]),
         params.checkpoint_every,
     )
     history, best_epoch = fit(
@@ -837,7 +845,9 @@ def finetune(
     weights = np.frombuffer((Path(pretrained_dir) / "model.safetensors").read_bytes(), dtype=np.uint8)
     ckpt = Checkpointer(
         checkpoint_dir,
-        Checkpointer.fingerprint_of("classify", params.model_dump(), asdict(model.cfg), train[0], train[1], weights),
+        Checkpointer.fingerprint_of(
+            "classify", device.type, params.model_dump(), asdict(model.cfg), train[0], train[1], weights
+        ),
         params.checkpoint_every,
     )
     history, best_epoch = fit(
