@@ -460,7 +460,7 @@ def _start_run(model, train, params, objective, device, lambda_gen, checkpointer
         curves=curves if dist.is_main else None,
         data_device=data_device,
         tokens=on_device(train[0], device) if data_device == device else train[0],
-        labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)).to(data_device),
+        labels=_as_long(train[1], data_device),
         pool=on_device(np.asarray(unlabelled), data_device) if has_pool else None,
         opt=opt,
         sched=sched,
@@ -539,37 +539,29 @@ def _global_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return xb, yb
 
 
-def _micro_batches(run: Run, size: int) -> list[slice]:
-    """This rank's micro-batches of a global batch of `size`: every rank holds the whole global batch and
-    takes its own consecutive share of it."""
-    parts = run.dist.world * run.params.grad_accum
-    q, r = divmod(size, parts)
-    bounds = [i * q + min(i, r) for i in range(parts + 1)]  # torch.tensor_split's: the first r parts get one more
-    mine = range(run.dist.rank * run.params.grad_accum, (run.dist.rank + 1) * run.params.grad_accum)
-    return [slice(bounds[i], bounds[i + 1]) for i in mine]
-
-
 def _optimizer_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """One optimizer step on this rank's micro-batches of the global batch; returns (summed loss, images) as a
     float64 tensor on the device, without waiting for it."""
     params, dist = run.params, run.dist
-    micro = _micro_batches(run, len(xb))
+    # Every rank holds the whole global batch and takes its own consecutive micro-batches of it (views).
+    parts = dist.world * params.grad_accum
+    mine = slice(dist.rank * params.grad_accum, (dist.rank + 1) * params.grad_accum)
+    micro = list(zip(xb.tensor_split(parts)[mine], yb.tensor_split(parts)[mine]))
     run.opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for j, m in enumerate(micro):
+    for j, (x, y) in enumerate(micro):
         # A batch too small to give every rank a micro-batch still runs one (weighted 0) so that
         # all ranks take part in the gradient all-reduce.
-        images = m.stop - m.start
-        weight = images / len(xb) * dist.world
-        if images == 0:
-            m, weight = slice(0, 1), 0.0
+        weight = len(x) / len(xb) * dist.world
+        if len(x) == 0:
+            x, y, weight = xb[:1], yb[:1], 0.0
         sync = run.ddp is None or j == len(micro) - 1
         with contextlib.nullcontext() if sync else run.ddp.no_sync(), autocast(run.device, run.amp_dtype):
-            loss, _ = batch_losses(run.train_model, xb[m], yb[m], run.objective, run.lambda_gen)
+            loss, _ = batch_losses(run.train_model, x, y, run.objective, run.lambda_gen)
         (loss * weight).backward()
         if weight:
-            loss_sum[0] += loss.detach().double() * images
-            loss_sum[1] += images
+            loss_sum[0] += loss.detach().double() * len(x)
+            loss_sum[1] += len(x)
     if params.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), params.grad_clip)
     run.opt.step()
@@ -627,10 +619,10 @@ def _train_epoch(run: Run, progress: Progress) -> None:
         bar.update(1)
         # The host reads the losses only when something needs them: a curve point, the bar, a checkpoint.
         checkpoint = run.writer is not None and run.checkpointer.every and progress.step % run.checkpointer.every == 0
-        point = run.curves is not None and progress.step % LOG_EVERY == 0
-        if checkpoint or point or (shown and progress.step % LOG_EVERY == 0):
+        point = progress.step % LOG_EVERY == 0
+        if checkpoint or (point and (run.curves is not None or shown)):
             tally.settle(progress)
-            if point:
+            if point and run.curves is not None:
                 run.curves.point(progress)
             bar.set_postfix(
                 loss=f"{progress.run_loss / max(1, progress.seen):.4f}",
@@ -723,7 +715,7 @@ def fit(
     """
     run = _start_run(model, train, params, objective, device, lambda_gen, checkpointer, dist, unlabelled, curves)
     if val is not None and _resident(nbytes(val[0]), device):
-        val = (on_device(val[0], device), torch.as_tensor(np.asarray(val[1], dtype=np.int64), device=device))
+        val = (on_device(val[0], device), _as_long(val[1], device))
     progress = _resume(run)
     if run.curves:
         run.curves.start(progress.step)
