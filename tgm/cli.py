@@ -82,18 +82,20 @@ STAGES = {
         p-value falls below drift.min_p_value. Not a DVC stage: run it on new data, or schedule flows.drift.""",
     ),
     "package": (
-        "Save the gated classifier to the BentoML store and build a Bento.",
-        """Save the gated classifier to the BentoML model store (package.model_name) with its
-        metrics, params, git commit and data hash as metadata, build a Bento from bentofile.yaml and
-        write reports/package.json and reports/model_card.md (also inside the model, and served at
-        GET /model_card).""",
+        "Package the gated classifier as a BentoML model and a Bento, exported to models/packaged/.",
+        """Package the gated classifier as a BentoML model (package.model_name, its version a digest of
+        its contents) with its metrics, params, git commit and data hash as metadata, build a Bento from
+        bentofile.yaml, and export both to models/packaged/ (a DVC output: any clone restores it with
+        `dvc pull`). Writes reports/package.json and reports/model_card.md (also inside the model, and
+        served at GET /model_card).""",
     ),
     "promote": (
         "Make the packaged model its task's champion in registry/ (versioned by DVC).",
-        """Make the model package just saved (it passed the gate) the champion of its task: export it from
-        the BentoML store into registry/models/, record who, when, which commit or DVC experiment and its
-        metrics in registry/champions.json. `dvc push` shares it; on another clone `dvc pull` restores it for
-        the gate and for `bentoml serve`. See `tgm champion --help` to list, promote by hand or roll back.""",
+        """Make the model package just exported (it passed the gate) the champion of its task: import it
+        into the local BentoML store if needed, export it into registry/models/, record who, when, which
+        commit or DVC experiment and its metrics in registry/champions.json. `dvc push` shares it; on another
+        clone `dvc pull` restores it for the gate and for `bentoml serve`. See `tgm champion --help` to list,
+        promote by hand or roll back.""",
     ),
 }
 
@@ -134,7 +136,7 @@ def run_stage(stage: str, params_path: str, folder: str | None = None) -> None:
         "study": lambda: module.study(p.study, p.finetune),
         "evaluate": lambda: module.evaluate(p.evaluate),
         "gate": lambda: module.gate(p.gate, module.task_for(p.ingest.source, p.gate.task)),
-        "package": lambda: module.package(p, params_path=params_path),
+        "package": lambda: module.package(p),
         "promote": lambda: module.promote(),
         "drift": lambda: module.drift(p.drift, max_pixels=p.validate.max_pixels),
     }

@@ -1,19 +1,29 @@
-"""package: put the gated classifier into the BentoML model store, with its model card, and build a Bento."""
+"""package: the gated classifier as a BentoML model, with its model card, and a Bento, exported as DVC outputs.
+
+The product is the files in models/packaged/ (tgm.store), which DVC caches and pushes like any other output: a
+machine that lacks them reruns `package` or fetches them with `dvc pull`, and the local BentoML store is filled
+from them when a model is needed there. The model's version is a digest of what it is made of (weights,
+calibration, metadata but the commit), so the same inputs give the same tag on any machine.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from tgm.errors import UserError
-from tgm.io import read_json, write_json, write_text
+from tgm.io import atomic_dir, read_json, write_json, write_text
 from tgm.model_card import FILE as CARD_FILE
 from tgm.model_card import model_card
 from tgm.params import Params
 from tgm.registry import git_commit
+from tgm.store import BENTO_FILE, MODEL_FILE, PACKAGED
 from tgm.typicality import FILE as TYPICALITY_FILE
 from tgm.typicality import Typicality
 
@@ -39,21 +49,62 @@ def _without_nulls(value):
     return value
 
 
+def model_version(classifier_dir: Path, typicality_path: Path, metadata: dict) -> str:
+    """A digest of the packaged model's contents; the commit is left out, as it names where, not what."""
+    h = hashlib.sha256()
+    for f in sorted(classifier_dir.iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(typicality_path.read_bytes())
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != "git_commit"}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _save_model(tag: str, metadata: dict, labels: dict, files: list[Path], card: str) -> None:
+    """`tag` in the local store, made anew: a model of the same tag left by an earlier run is replaced."""
+    import bentoml
+
+    from tgm.store import in_store
+
+    if in_store(tag):
+        bentoml.models.delete(tag)
+    with bentoml.models.create(tag, metadata=metadata, labels=labels) as model_ref:
+        for f in files:
+            shutil.copy2(f, Path(model_ref.path) / f.name)
+        (Path(model_ref.path) / CARD_FILE).write_text(card)
+
+
+def _build_bento(model_tag: str, version: str, out: Path) -> str:
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    name = yaml.safe_load(Path("bentofile.yaml").read_text())["name"]
+    try:
+        bentoml.bentos.delete(f"{name}:{version}")
+    except NotFound:
+        pass
+    # Pin the Bento to the model version just saved, not whatever is "latest" when it is served: a Bento
+    # argument is stored in bento.yaml and restored before the service is imported at serve time.
+    bento = bentoml.bentos.build_bentofile("bentofile.yaml", build_ctx=".", version=version, args={"model": model_tag})
+    bentoml.bentos.export_bento(bento.tag, str(out.resolve()))
+    return str(bento.tag)
+
+
 def package(
     params: Params,
-    params_path: str = "params.yaml",
     classifier_dir: str | Path = "models/classifier",
     gate_report: str | Path = "reports/gate.json",
     report_path: str | Path = "reports/package.json",
     typicality_path: str | Path = "reports/typicality.json",
     card_path: str | Path = "reports/model_card.md",
+    out_dir: str | Path = PACKAGED,
 ) -> dict:
     import bentoml
 
     report = read_json(gate_report)
     if not report.get("passed"):
         raise UserError(f"package: {gate_report} says the gate failed; refusing to package")
-    config = read_json(Path(classifier_dir) / "config.json")
+    classifier_dir, typicality_path = Path(classifier_dir), Path(typicality_path)
+    config = read_json(classifier_dir / "config.json")
     commit, data_hash = git_commit(), prepared_data_hash()
     metadata = {
         "task": report["task"],
@@ -63,25 +114,28 @@ def package(
         "data_hash": data_hash,
         "classes": config["classes"],
         "model": config["model"],
-        "preprocess": read_json(Path(classifier_dir) / "preprocess.json"),
+        "preprocess": read_json(classifier_dir / "preprocess.json"),
         "typicality": Typicality.load(typicality_path).describe(),
     }
     labels = {"project": "t-gm", "gate": "passed", "task": report["task"]["id"]}
-    with bentoml.models.create(params.package.model_name, metadata=metadata, labels=labels) as model_ref:
-        for f in Path(classifier_dir).iterdir():
-            shutil.copy2(f, Path(model_ref.path) / f.name)
-        # The service's typical range of bits per pixel, calibrated by evaluate on the validation split.
-        shutil.copy2(typicality_path, Path(model_ref.path) / TYPICALITY_FILE)
-        card = model_card(str(model_ref.tag), report["task"], params.model_dump(), commit, data_hash, report)
-        (Path(model_ref.path) / CARD_FILE).write_text(card)
+    version = model_version(classifier_dir, typicality_path, metadata)
+    tag = f"{params.package.model_name}:{version}"
+    card = model_card(tag, report["task"], params.model_dump(), commit, data_hash, report)
+    # The service's typical range of bits per pixel, calibrated by evaluate on the validation split, travels
+    # inside the model beside the weights.
+    calibration = Path(tempfile.mkdtemp()) / TYPICALITY_FILE
+    shutil.copy2(typicality_path, calibration)
+    try:
+        _save_model(tag, metadata, labels, [*sorted(classifier_dir.iterdir()), calibration], card)
+    finally:
+        shutil.rmtree(calibration.parent)
+    log.info("package: saved %s", tag)
+    result = {"model_tag": tag, "bento_tag": None}
+    with atomic_dir(out_dir) as tmp:
+        bentoml.models.export_model(tag, str((tmp / MODEL_FILE).resolve()))
+        if params.package.build_bento:
+            result["bento_tag"] = _build_bento(tag, version, tmp / BENTO_FILE)
+            log.info("package: built Bento %s", result["bento_tag"])
     write_text(card_path, card)
-    log.info("package: saved %s", model_ref.tag)
-    result = {"model_tag": str(model_ref.tag), "bento_tag": None}
-    if params.package.build_bento:
-        # Pin the Bento to the model version just saved, not whatever is "latest" when it is served: a Bento
-        # argument is stored in bento.yaml and restored before the service is imported at serve time.
-        bento = bentoml.bentos.build_bentofile("bentofile.yaml", build_ctx=".", args={"model": str(model_ref.tag)})
-        result["bento_tag"] = str(bento.tag)
-        log.info("package: built Bento %s", bento.tag)
     write_json(report_path, result)
     return result

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tgm.errors import UserError
 from tgm.io import read_json, write_json
+from tgm.store import MODEL_FILE, PACKAGED, ensure_model, find_model, packaged_model
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,8 @@ class Registry:
     def promote(self, model_tag: str, task: Task, metrics: dict, how: str) -> dict:
         """Make `model_tag` (in the local BentoML store) `task`'s champion; the old one can be rolled back to."""
         import bentoml
-        from bentoml.exceptions import NotFound
 
-        try:
-            model = bentoml.models.get(model_tag)
-        except NotFound:
-            raise RegistryError(f"model {model_tag} is not in the BentoML store ({bentoml_home()})") from None
+        model = bentoml.models.get(model_tag)
         entry = self.data["tasks"].setdefault(task.id, {**task.describe(), "champion": None, "earlier": [], "log": []})
         if entry["champion"] and entry["champion"]["model"] == str(model.tag):
             log.info("registry: %s is already the champion of %s", model.tag, task.id)
@@ -190,31 +187,21 @@ class Registry:
 
     def ensure_in_store(self, champion: dict) -> str:
         """The champion's model tag, imported into the local BentoML store from its export if it is not there."""
-        import bentoml
-        from bentoml.exceptions import NotFound
-
-        try:
-            return str(bentoml.models.get(champion["model"]).tag)
-        except NotFound:
-            pass
-        path = self.root / champion["file"]
-        if not path.exists():
-            raise RegistryError(f"{path} is missing: run `dvc pull` to fetch the registry's models")
-        model = bentoml.models.import_model(str(path.resolve()))
-        log.info("registry: imported %s into the BentoML store from %s", model.tag, path)
-        return str(model.tag)
-
-
-def bentoml_home() -> str:
-    return os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))
+        return ensure_model(champion["model"], self.root / champion["file"])
 
 
 def served_model(root: str | Path = REGISTRY, task_id: str | None = None) -> str | None:
-    """The tag of the champion `bentoml serve` should serve (TGM_TASK's, else the latest task's), or None."""
+    """The tag `bentoml serve` in a project should serve: the champion of TGM_TASK, else of the task promoted
+    last; before any promotion, the model `package` wrote in this project; None when there is neither. Either
+    is imported into the local BentoML store first if it is not there."""
     registry = Registry(root)
     task_id = task_id or registry.data.get("latest")
     champion = registry.champion(task_id) if task_id else None
-    return registry.ensure_in_store(champion) if champion else None
+    if champion:
+        return registry.ensure_in_store(champion)
+    if task_id is None and (packaged := packaged_model()) is not None:
+        return ensure_model(*packaged)
+    return None
 
 
 def promote(
@@ -222,6 +209,7 @@ def promote(
     gate_report: str | Path = "reports/gate.json",
     metrics_path: str | Path = "metrics/evaluate.json",
     root: str | Path = REGISTRY,
+    packaged_file: str | Path = PACKAGED / MODEL_FILE,
 ) -> dict:
     """The `promote` stage: the model `package` just saved, which passed the gate, becomes its task's champion."""
     gate = read_json(gate_report)
@@ -229,7 +217,8 @@ def promote(
         raise RegistryError(f"promote: {gate_report} says the gate failed; refusing to promote")
     # The task the gate judged the model for (and compared it within): the same task it is promoted in.
     task = Task.from_dict(gate["task"])
-    return Registry(root).promote(read_json(package_report)["model_tag"], task, read_json(metrics_path), "pipeline")
+    tag = ensure_model(read_json(package_report)["model_tag"], packaged_file)
+    return Registry(root).promote(tag, task, read_json(metrics_path), "pipeline")
 
 
 def show(registry: Registry) -> str:
@@ -269,12 +258,8 @@ def champion_command(action: str, model: str | None, task_id: str | None, root: 
     if not model:
         raise RegistryError("tgm champion promote needs a model tag, e.g. tgm-classifier:abc123")
     import bentoml
-    from bentoml.exceptions import NotFound
 
-    try:
-        info = bentoml.models.get(model).info
-    except NotFound:
-        raise RegistryError(f"model {model} is not in the BentoML store ({bentoml_home()})") from None
+    info = bentoml.models.get(find_model(model)).info
     if info.labels.get("gate") != "passed" or "task" not in info.metadata:
         raise RegistryError(f"{model} was not packaged after passing the gate (`tgm package`); refusing to promote")
     task = Task.from_dict(info.metadata["task"])
