@@ -132,6 +132,7 @@ def main() -> None:
         "pretrain": lambda: pretrain(
             p.model,
             p.pretrain,
+            p.base,
             args.prepared,
             work / "pretrained",
             work / "pretrain.json",

@@ -3,6 +3,7 @@ disk, with 1 and more data workers, and how long a `dvc repro` with nothing to d
 
     python benchmarks/scale.py [--images 50000] [--workers 1,2] [--dvc-add] [--pretrain-steps N | --no-pretrain]
                                [--keep DIR]
+    python benchmarks/scale.py --fashion-mnist [--labels-per-class 100] [--workers 1,2] [--no-pretrain]
 
 Builds a fresh git + DVC project (this checkout's dvc.yaml and tgm/) with a folder of N 28x28 grey PNGs in
 data/sources/big (MNIST-5k repeated, every copy with its own seeded pixel noise, so no two files are equal) and
@@ -15,6 +16,9 @@ which is enough for its peak memory); then `dvc repro` of the stages run so far,
 Prints per stage: workers, seconds, ms per image, the peak memory of its largest process, and, after the data
 stages, the disk used by the whole project (the folder, every workspace output, DVC's cache, git; a file
 hard-linked in several places counts once) over the folder's size. The 1-worker rows are the baseline of the same run.
+
+--fashion-mnist reads builtin:fashion-mnist instead (its 70,000 images, written out by ingest; with
+--labels-per-class N, N labels per class and the rest pooled): disk is then over the package's IDX files.
 """
 
 from __future__ import annotations
@@ -58,16 +62,17 @@ def build_folder(dest: Path, n: int, seed: int = 0) -> None:
         (folder / f"img_{i:07d}.png").write_bytes(buf.getvalue())
 
 
-def make_project(dest: Path, source: Path, pretrain_steps: int | None) -> None:
+def make_project(dest: Path, source: Path | str, pretrain_steps: int | None, labels_per_class: int | None) -> None:
     dest.mkdir(parents=True)
-    for rel in ("dvc.yaml", "bentofile.yaml", "tgm", "data/sources"):
+    for rel in ("dvc.yaml", "bentofile.yaml", "tgm", "data/sources", "bases"):
         src = ROOT / rel
         if src.is_dir():
             shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["ingest"]["source"] = f"folder:{source.relative_to(dest)}"
+    params["ingest"]["source"] = source if isinstance(source, str) else f"folder:{source.relative_to(dest)}"
+    params["ingest"]["labels_per_class"] = labels_per_class
     params["pretrain"]["epochs"] = 1
     if pretrain_steps:
         params["pretrain"]["max_steps"] = pretrain_steps
@@ -114,16 +119,25 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, help="stop pretraining after this many optimizer steps")
     ap.add_argument("--dvc-add", action="store_true", help="version the folder with `dvc add` and hard links")
     ap.add_argument("--keep", help="build in this folder and keep it (default: a temporary one, removed)")
+    ap.add_argument("--fashion-mnist", action="store_true", help="builtin:fashion-mnist (70,000 images) instead")
+    ap.add_argument("--labels-per-class", type=int, help="with --fashion-mnist: ingest.labels_per_class")
     args = ap.parse_args()
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tgm-scale-"))
     project = base / "project"
     source = project / "data" / "sources" / "big"
     try:
-        make_project(project, source, args.pretrain_steps)
-        t0 = time.perf_counter()
-        build_folder(source, args.images)  # after the commit: the images are never in git
-        source_bytes = disk_bytes(source)
-        print(f"built {args.images} PNGs in {time.perf_counter() - t0:.0f} s: {source_bytes / 1e6:.0f} MB")
+        if args.fashion_mnist:
+            from tgm.ingest import FASHION_MNIST
+
+            args.images = 70_000
+            make_project(project, "builtin:fashion-mnist", args.pretrain_steps, args.labels_per_class)
+            source_bytes = disk_bytes(Path(os.environ.get("TGM_FASHION_MNIST_DIR") or FASHION_MNIST))
+        else:
+            make_project(project, source, args.pretrain_steps, None)
+            t0 = time.perf_counter()
+            build_folder(source, args.images)  # after the commit: the images are never in git
+            source_bytes = disk_bytes(source)
+            print(f"built {args.images} PNGs in {time.perf_counter() - t0:.0f} s: {source_bytes / 1e6:.0f} MB")
         rows = []
         if args.dvc_add:
             subprocess.run([str(BIN / "dvc"), "config", "--local", "cache.type", "hardlink"], cwd=project, check=True)

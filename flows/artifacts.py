@@ -88,6 +88,14 @@ def validation_markdown(report: dict | None) -> str | None:
     if per_class:
         lines += ["| class | accepted images |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in per_class.items()] + [""]
+    if report.get("images_per_split"):
+        lines += ["| your split | accepted images |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in report["images_per_split"].items()] + [""]
+    if report.get("pools"):
+        lines += ["| unlabelled pool (pretraining only) | files | accepted | quarantined |", "|---|---|---|---|"]
+        lines += [
+            f"| {name} | {c['inputs']} | {c['accepted']} | {c['rejected']} |" for name, c in report["pools"].items()
+        ] + [""]
     for kind in ("problems", "warnings"):
         for item in report.get(kind) or []:
             lines.append(f"- {kind[:-1]}: {item}")

@@ -59,7 +59,7 @@ TINY_PARAMS = {
     # No champion comparison here: tests change params freely; tests/test_champion.py switches it on.
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_regression": None},
 }
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "bentofile.yaml", "pyproject.toml", "tgm", "flows", "data/sources"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "bentofile.yaml", "pyproject.toml", "tgm", "flows", "data/sources", "bases"]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:

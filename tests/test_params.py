@@ -13,6 +13,7 @@ STAGE_OF_GROUP = {
     "ingest": "ingest",
     "validate": "validate",
     "prepare": "prepare",
+    "base": "prepare",  # and pretrain
     "model": "pretrain",
     "pretrain": "pretrain",
     "finetune": "finetune",

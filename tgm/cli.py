@@ -12,10 +12,13 @@ from tgm import __version__
 STAGES = {
     "ingest": (
         "List every file of the data source, with its sha256, in data/raw/manifest.csv.gz.",
-        """List every file of the source named by ingest.source in data/raw/manifest.csv.gz (path, label,
-        sha256, size, format, width, height, mode, source). A folder's images are read in place by the later
-        stages, which refuse any file whose sha256 changed; built-in images are written to data/raw/images/.
-        Sources: builtin:mnist5k, builtin:digits, folder:PATH (one sub-folder per class).""",
+        """List every file of the labelled source named by ingest.source and of each unlabelled pool
+        (ingest.unlabelled) in data/raw/manifest.csv.gz (path, label, split, pool, sha256, size, format,
+        width, height, mode, source). A folder's images are read in place by the later stages, which refuse
+        any file whose sha256 changed; built-in images are written to data/raw/. Sources: builtin:mnist5k,
+        builtin:digits, builtin:fashion-mnist, folder:PATH in its layout (class folders, split folders,
+        metadata.csv, an unlabelled/ pool beside them: docs/own-data.md); an ambiguous layout is refused.
+        ingest.labels_per_class keeps that many labels per class of the training images and pools the rest.""",
     ),
     "validate": (
         "Judge every ingested file with Great Expectations: accept it or quarantine it with a reason.",
@@ -28,14 +31,18 @@ STAGES = {
     ),
     "prepare": (
         "Resize, quantise to a palette, split train/val/test and write token arrays.",
-        """Resize and quantise the accepted images to a palette (grey levels or k-means colours),
-        split them train/val/test (stratified, no image in two splits) and write token arrays,
-        the palette and meta.json to data/prepared/.""",
+        """Resize and quantise the accepted images to a palette (grey levels or k-means colours, or the
+        palette of base.path), split them train/val/test (stratified, no image in two splits; the source's
+        own splits kept), set aside any training, validation or pooled image that copies a held-out one
+        (set_aside.csv), and write token arrays (the pools' too), the palette and meta.json to
+        data/prepared/.""",
     ),
     "pretrain": (
         "Train the transformer to predict the next pixel (labels unused).",
-        """Train the transformer to predict the next pixel on the training images (labels unused).
-        Writes models/pretrained/ (safetensors + config), metrics/pretrain.json, plots/pretrain_curve.csv.""",
+        """Train the transformer to predict the next pixel on the training images and the unlabelled pools
+        (labels unused), from a random start or from base.path (pretrain.epochs 0: the base as it is). Writes
+        models/pretrained/ (safetensors, config, palette, provenance.json), metrics/pretrain.json,
+        plots/pretrain_curve.csv.""",
     ),
     "finetune": (
         "Fine-tune the pretrained model as a classifier with the joint loss.",
@@ -129,8 +136,8 @@ def run_stage(stage: str, params_path: str, folder: str | None = None) -> None:
     calls = {
         "ingest": lambda: module.ingest(p.ingest),
         "validate": lambda: module.validate(p.validate),
-        "prepare": lambda: module.prepare(p.prepare),
-        "pretrain": lambda: module.pretrain(p.model, p.pretrain),
+        "prepare": lambda: module.prepare(p.prepare, base=p.base),
+        "pretrain": lambda: module.pretrain(p.model, p.pretrain, p.base),
         "finetune": lambda: module.finetune(p.finetune),
         "probe": lambda: module.probe(p.probe),
         "study": lambda: module.study(p.study, p.finetune),

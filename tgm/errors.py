@@ -32,3 +32,8 @@ class EmptySplit(UserError):
 
 class SourceChanged(UserError):
     """A file ingest listed is gone or holds other bytes now: the data changed after `ingest` ran."""
+
+
+class BaseMismatch(UserError):
+    """A pretrained base (base.path) that does not fit the task: another architecture, image size, palette or
+    colour mode."""

@@ -137,30 +137,38 @@ class GXRunner:
         return next(iter(result.run_results.values())).results
 
 
+# What an unlabelled pool's files are not judged on: they have no label by design.
+LABEL_RULES = ("unlabelled", "unknown_label", "conflicting_labels")
+
+
 class Suites(GXRunner):
-    """The row and class suites of validate, in one context."""
+    """The row and class suites of validate, in one context; the files of unlabelled pools are judged by the
+    row rules that do not concern labels, in a suite of their own."""
 
     def __init__(self, params: ValidateParams, classes: list[str], docs_dir: Path | None):
         super().__init__(docs_dir)
         self.params, self.classes = params, classes
         self.rules = row_rules(params, classes)  # in priority order: a file's reason is its first failed rule
+        self.pool_rules = [r for r in row_rules(params, classes) if r.reason not in LABEL_RULES]
 
-    def check_rows(self, rows: pd.DataFrame) -> tuple[dict[str, list[str]], list[dict]]:
-        """Paths each row rule rejects (or flags), keyed by reason in `self.rules` order; and summaries."""
-        rules = self.rules
+    def check_rows(self, rows: pd.DataFrame, pool: bool = False) -> tuple[dict[str, list[str]], list[dict]]:
+        """Paths each row rule rejects (or flags), keyed by reason in rule order; and summaries. `pool`: the
+        rows are an unlabelled pool's, judged by `self.pool_rules`."""
+        rules = self.pool_rules if pool else self.rules
+        table = "pool" if pool else "manifest"
         for rule in rules:
             # GX does not keep the suite's order in its results; the reason travels in each expectation's meta.
             rule.expectation.meta = {"reason": rule.reason, "severity": rule.severity}
         by_reason = {r.reason: r for r in rules}
         failed: dict[str, list[str]] = {r.reason: [] for r in rules}
         summaries = []
-        for res in self.run("manifest", rows, [r.expectation for r in rules], "path"):
+        for res in self.run(table, rows, [r.expectation for r in rules], "path"):
             rule = by_reason[res.expectation_config.meta["reason"]]
             paths = [u["path"] for u in res.result.get("unexpected_index_list") or []]
             failed[rule.reason] = paths
             summaries.append(
                 {
-                    "table": "manifest",
+                    "table": table,
                     "expectation": res.expectation_config.type,
                     "column": res.expectation_config.kwargs.get("column"),
                     "reason": rule.reason,

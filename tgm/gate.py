@@ -64,6 +64,11 @@ def find_champion(task: Task, registry: str | Path = REGISTRY) -> Champion | Non
     return Champion(entry["model"], dict(entry["metrics"]), entry.get("promoted_at"), entry.get("promoted_by"))
 
 
+def _pretrained(classifier_dir: str | Path) -> dict | None:
+    path = Path(classifier_dir) / "provenance.json"
+    return read_json(path).get("pretrained") if path.exists() else None
+
+
 def gate_checks(params: GateParams, metrics: dict, champion: Champion | None = None) -> list[Check]:
     checks = [
         Check("min_accuracy", "accuracy", float(metrics["accuracy"]), params.min_accuracy, ">="),
@@ -92,6 +97,7 @@ def gate(
     metrics_path: str | Path = "metrics/evaluate.json",
     report_path: str | Path = "reports/gate.json",
     registry: str | Path = REGISTRY,
+    classifier_dir: str | Path = "models/classifier",
 ) -> dict:
     """Check the metrics against the floors and, unless gate.max_regression is null, `task`'s champion."""
     champion = find_champion(task, registry) if params.max_regression is not None else None
@@ -112,6 +118,8 @@ def gate(
             for c in checks
         ],
         "task": task.describe(),
+        # What the classifier's pretrained weights saw, and the base they continued from (finetune copies it).
+        "pretrained": _pretrained(classifier_dir),
         "champion": None
         if champion is None
         else {

@@ -80,10 +80,18 @@ class LiveCurves:
     def epoch(self, progress, row: dict) -> None:
         """The end of an epoch: the rest of the training loss, then its validation metrics, at this step."""
         self._flush(progress)
-        self.live.step = progress.step
+        self._log_row(progress.step, row)
+
+    def untrained(self, row: dict) -> None:
+        """A run of no training step (pretrain straight from a base): its one validation row, at step 0."""
+        self.start(0)
+        self._log_row(0, row)
+
+    def _log_row(self, step: int, row: dict) -> None:
+        self.live.step = step
         self.live.log_metric("epoch", row["epoch"])
         for key, name in EPOCH_KEYS.items():
-            if key in row and math.isfinite(row[key]):
+            if row.get(key) is not None and math.isfinite(row[key]):
                 self.live.log_metric(name, row[key])
         self.live.make_summary()
 

@@ -14,7 +14,7 @@ import yaml
 from tgm.io import read_json
 
 FILE = "model_card.md"
-CARD_PARAMS = ("ingest", "prepare", "model", "pretrain", "finetune", "gate")
+CARD_PARAMS = ("ingest", "prepare", "base", "model", "pretrain", "finetune", "gate")
 
 
 def _pct(x) -> str:
@@ -57,6 +57,14 @@ def _training_data(meta: dict, validation: dict | None, data_hash: str) -> list[
         f"{sizes['test']} test (stratified; no image in two splits).",
         f"- Prepared data hash (DVC): `{data_hash}`.",
     ]
+    if "pool_images" in meta:
+        pools = ", ".join(
+            f"`{name}` {p['images']} ({p['set_aside']} set aside)" for name, p in sorted(meta["pools"].items())
+        )
+        lines.append(f"- Unlabelled images for pretraining (labels never used): {meta['pool_images']}: {pools}.")
+    if meta.get("set_aside"):
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(meta["set_aside"].items()))
+        lines.append(f"- Set aside as copies of validation or test images, never trained on: {why}.")
     if validation:
         reasons = validation.get("rejected_by_reason") or {}
         why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none"
@@ -65,6 +73,33 @@ def _training_data(meta: dict, validation: dict | None, data_hash: str) -> list[
             f"{validation['rejected']} quarantined ({why}); {validation.get('near_duplicate_groups', 0)} "
             "near-duplicate groups; warnings: " + ("; ".join(validation.get("warnings") or []) or "none") + ".",
         ]
+        for name, counts in sorted((validation.get("pools") or {}).items()):
+            lines.append(
+                f"- Pool `{name}`: {counts['inputs']} files in, {counts['accepted']} accepted, "
+                f"{counts['rejected']} quarantined."
+            )
+    return lines
+
+
+def pretraining_lines(pretrained: dict | None) -> list[str]:
+    """Where the pretrained weights come from: the images they saw and the base they continued from."""
+    if not pretrained:
+        return []
+    data = pretrained["data"]
+    lines = [
+        f"- Pretrained ({pretrained['epochs']} epochs) on {data['images']} images of `{data['source']}` "
+        f"({data['labelled_training_images']} labelled training images, {data['pool_images']} unlabelled; "
+        f"tokens sha256 `{data['tokens_sha256'][:16]}`)."
+    ]
+    base = pretrained.get("base")
+    while base:
+        earlier = base.get("provenance") or {}
+        seen = earlier.get("data", {})
+        lines.append(
+            f"- Continued from the base `{base['path']}` (weights sha256 `{base['weights_sha256'][:16]}`), "
+            + (f"pretrained on {seen['images']} images of `{seen['source']}`." if seen else "of unknown origin.")
+        )
+        base = earlier.get("base")
     return lines
 
 
@@ -168,6 +203,7 @@ def model_card(
             "## Provenance",
             "",
             f"- Git commit: `{git_commit}`; prepared data: `{data_hash}`.",
+            *pretraining_lines(gate.get("pretrained")),
             f"- Gate: {'passed' if gate.get('passed') else 'failed'}, {compared}.",
         ],
         ["## Parameters", "", "```yaml", yaml.safe_dump(shown, sort_keys=False).rstrip(), "```"],

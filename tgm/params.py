@@ -39,20 +39,48 @@ class Group(BaseModel):
         """Rules that tie two keys together; `group` is this group's name in params.yaml."""
 
 
+BUILTIN = ("mnist5k", "digits", "fashion-mnist")
+
+
+def _check_source(source: str, labelled: bool = True) -> str:
+    kind, _, arg = source.partition(":")
+    if kind == "builtin" and labelled and arg not in BUILTIN:
+        raise ValueError(f"unknown built-in dataset {arg!r} (use {', '.join(BUILTIN)})")
+    if kind == "folder" and not arg:
+        raise ValueError("'folder:' needs a path, e.g. folder:data/sources/pets")
+    if kind != "folder" and not (labelled and kind == "builtin"):
+        expected = "builtin:NAME or folder:PATH" if labelled else "folder:PATH"
+        raise ValueError(f"{source!r} is not {expected}")
+    return source
+
+
 class IngestParams(Group):
-    source: Str = Field(description="builtin:mnist5k | builtin:digits | folder:PATH (one sub-folder per class)")
+    source: Str = Field(description="the labelled source: builtin:NAME or folder:PATH (layouts: docs/own-data.md)")
+    unlabelled: tuple[Str, ...] = Field(description="unlabelled pools for pretraining: folder:PATH, any layout")
+    labels_per_class: Int | None = Field(
+        ge=1, description="keep this many labels per class of the training images, pool the rest (null: all)"
+    )
+    seed: Int = Field(description="which images keep their labels under labels_per_class")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        kind, _, arg = source.partition(":")
-        if kind == "builtin" and arg not in ("mnist5k", "digits"):
-            raise ValueError(f"unknown built-in dataset {arg!r} (use mnist5k or digits)")
-        if kind == "folder" and not arg:
-            raise ValueError("'folder:' needs a path, e.g. folder:data/sources/pets")
-        if kind not in ("builtin", "folder"):
-            raise ValueError(f"{source!r} is not builtin:mnist5k, builtin:digits or folder:PATH")
-        return source
+        return _check_source(source)
+
+    @field_validator("unlabelled")
+    @classmethod
+    def _pool_sources(cls, pools: tuple[str, ...]) -> tuple[str, ...]:
+        for pool in pools:
+            _check_source(pool, labelled=False)
+        if len(set(pools)) != len(pools):
+            raise ValueError("the same pool is listed twice")
+        return pools
+
+
+class BaseParams(Group):
+    """A pretrained model to start from instead of a random initialisation (docs/own-data.md, "A base")."""
+
+    path: Str | None = Field(description="its folder (models/pretrained of another project); null: none")
 
 
 class ValidateParams(Group):
@@ -94,7 +122,7 @@ class ModelParams(Group):
 class TrainParams(Group):
     """Optimisation settings shared by pretraining and fine-tuning (one training loop serves both)."""
 
-    epochs: Int = Field(ge=1)
+    epochs: Int = Field(ge=0, description="0 only for pretrain from a base: fine-tune straight from it")
     batch_size: Int = Field(ge=1)
     lr: Float = Field(gt=0, lt=1)
     weight_decay: Float = Field(ge=0)
@@ -132,6 +160,12 @@ class TrainParams(Group):
 class FinetuneParams(TrainParams):
     lambda_gen: Float = Field(ge=0, description="weight of the next-pixel loss next to the class loss")
     cls_grid: Int = Field(ge=1, description="the head averages features over cls_grid x cls_grid image regions")
+    unlabelled: Bool = Field(description="each batch also takes as many pool images, for the next-pixel loss")
+
+    def cross_check(self, group: str) -> None:
+        super().cross_check(group)
+        if self.epochs < 1:
+            raise ParamsError(f"{group}.epochs must be at least 1")
 
 
 class ProbeParams(Group):
@@ -213,6 +247,7 @@ with warnings.catch_warnings():
         ingest: IngestParams
         validate: ValidateParams
         prepare: PrepareParams
+        base: BaseParams
         model: ModelParams
         pretrain: TrainParams
         finetune: FinetuneParams
@@ -245,6 +280,8 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError(_describe(exc)) from None
     for name in Params.model_fields:
         getattr(params, name).cross_check(name)
+    if params.pretrain.epochs == 0 and params.base.path is None:
+        raise ParamsError("pretrain.epochs: 0 epochs means fine-tuning straight from a base, and base.path is null")
     return params
 
 

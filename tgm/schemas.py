@@ -18,6 +18,8 @@ class Manifest(pa.DataFrameModel):
 
     path: Series[str] = pa.Field(unique=True)
     label: Series[str] = pa.Field(nullable=True)
+    split: Series[str] = pa.Field(isin=["", "train", "val", "test"])  # the user's split; "": none given
+    pool: Series[str] = pa.Field()  # "": the labelled source; else the unlabelled pool's name
     entry: Series[str] = pa.Field(isin=["file", "symlink", "special"])
     sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")
     size_bytes: Series[int] = pa.Field(ge=0)
@@ -31,12 +33,21 @@ class Manifest(pa.DataFrameModel):
 
 
 class AcceptedManifest(Manifest):
-    """Images that passed validation: labelled, decodable, and each picture (sha256) once."""
+    """Images that passed validation, decodable: labelled ones each picture (sha256) once, and the unlabelled
+    pools' each picture once among them (prepare sets aside a pooled copy of a labelled image)."""
 
-    label: Series[str] = pa.Field(str_length={"min_value": 1})
-    sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$", unique=True)
     width: Series[int] = pa.Field(ge=1)
     height: Series[int] = pa.Field(ge=1)
+
+    @pa.dataframe_check(error="a file of the labelled source has no label, or a pooled one has one")
+    @classmethod
+    def labelled_unless_pooled(cls, df: pd.DataFrame) -> pd.Series:
+        return (df["label"] != "") == (df["pool"] == "")
+
+    @pa.dataframe_check(error="the same picture (sha256) is accepted twice in the labelled source or the pools")
+    @classmethod
+    def each_picture_once(cls, df: pd.DataFrame) -> bool:
+        return not df.assign(labelled=df["pool"] == "").duplicated(["sha256", "labelled"]).any()
 
 
 class SplitTable(pa.DataFrameModel):
@@ -66,7 +77,8 @@ class SplitTable(pa.DataFrameModel):
 def check(model: type[pa.DataFrameModel], df: pd.DataFrame, what: str) -> pd.DataFrame:
     """Validate `df` against `model`; raise DataContractError listing the first failures."""
     try:
-        return model.validate(df.fillna({c: "" for c in ("label", "format", "mode") if c in df}), lazy=True)
+        blanks = {c: "" for c in ("label", "split", "pool", "format", "mode") if c in df}
+        return model.validate(df.fillna(blanks), lazy=True)
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases[["column", "check", "failure_case"]].head(10)
         lines = [f"  {r.column or '(table)'}: {r.check} failed for {r.failure_case!r}" for r in cases.itertuples()]

@@ -24,8 +24,8 @@ The protocol, enforced here and written down in the README:
   probe, the cheaper one) -- what a user with only L would deploy. Pixel baselines on the same quantised
   pixels: logistic regression (C), an RBF SVM (C x gamma) and kNN (k).
 - With study.unlabelled, both neural arms also take the next-pixel loss on the unlabelled training images
-  at every step (iGPT's joint loss extended to the unlabelled pool). The pretrained model saw those pixels
-  in pretraining anyway; no arm sees their labels.
+  and the unlabelled pools at every step (iGPT's joint loss extended to the unlabelled pool). The pretrained
+  model saw those pixels in pretraining anyway; no arm sees their labels.
 
 metrics/study.json holds mean, spread (population standard deviation) and range per arm and share, and the
 neural arms' final training accuracy on L (did they fit it?); plots/label_efficiency.csv holds every run.
@@ -260,6 +260,7 @@ class StudyInputs:
 
     train: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    pool: np.ndarray | None  # the unlabelled pools' images (prepare's pool_tokens.npy), if any
     features: dict[str, np.ndarray]  # pooled T-GM features per layer, for the probe
     pixels: dict[str, np.ndarray]  # raw pixel features, for the pixel baselines
     n_classes: int
@@ -270,7 +271,7 @@ class StudyInputs:
     @classmethod
     def load(cls, prepared_dir, pretrained_dir, finetune_params: FinetuneParams) -> StudyInputs:
         from tgm.model import load_model
-        from tgm.prepare import check_prepared, load_split
+        from tgm.prepare import check_prepared, load_pool, load_split
         from tgm.preprocess import PreprocessSpec, pixel_features
         from tgm.probe import pooled_features
         from tgm.train import resolve_device
@@ -285,7 +286,8 @@ class StudyInputs:
         encoder = load_model(pretrained_dir)
         features = {"train": pooled_features(encoder, train[0], grid), "test": pooled_features(encoder, test[0], grid)}
         pixels = {"train": pixel_features(train[0], spec), "test": pixel_features(test[0], spec)}
-        return cls(train, test, features, pixels, n_classes, grid, Path(pretrained_dir), device)
+        pool = load_pool(prepared_dir)
+        return cls(train, test, pool, features, pixels, n_classes, grid, Path(pretrained_dir), device)
 
     def pretrained_model(self):
         from tgm.model import load_model
@@ -321,7 +323,11 @@ def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: Finetu
     folds = [
         {"fit": idx[f], "select": idx[s]} for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)
     ]
-    unlabelled = np.delete(train[0], idx, axis=0) if params.unlabelled else None
+    unlabelled = None
+    if params.unlabelled:  # the training images outside the subset, and the pools
+        unlabelled = np.delete(train[0], idx, axis=0)
+        if inputs.pool is not None:
+            unlabelled = np.concatenate([unlabelled, inputs.pool])
     results = {}
     for arm, make, lrs, steps in (
         ("finetune", inputs.pretrained_model, params.finetune_lrs, params.steps),

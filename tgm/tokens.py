@@ -71,6 +71,39 @@ class TokenFile:
             yield self.read(slice(start, start + BLOCK_ROWS))
 
 
+class TokenFiles:
+    """Several token files of one sequence length read as one array (a split and the unlabelled pool, for
+    pretraining): rows by index or slice, and blocks, like a TokenFile."""
+
+    def __init__(self, parts: list[TokenFile]):
+        if len({(p.shape[1], p.dtype) for p in parts}) != 1:
+            raise ValueError("token files of different sequence lengths or dtypes: " + ", ".join(map(str, parts)))
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape, self.dtype = (int(self.starts[-1]), parts[0].shape[1]), parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.read(key).astype(np.int64)
+
+    def read(self, key) -> np.ndarray:
+        idx = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1}")
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx), self.shape[1]), self.dtype)
+        for k in np.unique(part):
+            mine = part == k
+            out[mine] = self.parts[k].read(idx[mine] - self.starts[k])
+        return out
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for p in self.parts:
+            yield from p.blocks()
+
+
 def resident_dtype(dtype) -> np.dtype:
     """The dtype a split takes on the device: the stored one, uint16 widened to int32 (which torch indexes)."""
     return np.dtype(np.int32) if np.dtype(dtype) == np.uint16 else np.dtype(dtype)
@@ -88,7 +121,7 @@ def on_device(tokens: TokenFile | np.ndarray, device) -> torch.Tensor:
 
     dtype = resident_dtype(tokens.dtype)
     out = torch.empty(tuple(tokens.shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=device)
-    if isinstance(tokens, TokenFile):
+    if isinstance(tokens, TokenFile | TokenFiles):
         blocks = tokens.blocks()
     else:
         blocks = (tokens[i : i + BLOCK_ROWS] for i in range(0, len(tokens), BLOCK_ROWS))

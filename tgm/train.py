@@ -42,12 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tgm.errors import DeviceUnavailable, TrainingDiverged
+from tgm.errors import BaseMismatch, DeviceUnavailable, TrainingDiverged
 from tgm.io import atomic_dir, atomic_file, write_json
 from tgm.live import LOG_EVERY, LiveCurves
 from tgm.model import TGM, TGMConfig, load_model, next_pixel_loss, save_model
-from tgm.params import FinetuneParams, ModelParams, TrainParams
-from tgm.tokens import TokenFile, nbytes, on_device
+from tgm.params import BaseParams, FinetuneParams, ModelParams, TrainParams
+from tgm.tokens import TokenFile, TokenFiles, nbytes, on_device
 
 log = logging.getLogger(__name__)
 Objective = Literal["generative", "classify"]
@@ -270,7 +270,7 @@ class Checkpointer:
     def fingerprint_of(*parts) -> str:
         h = hashlib.sha256()
         for part in parts:
-            if isinstance(part, TokenFile):  # hashed as the int64 array it reads as, block by block
+            if isinstance(part, TokenFile | TokenFiles):  # hashed as the int64 array it reads, block by block
                 for block in part.blocks():
                     h.update(block.astype(np.int64).tobytes())
             elif isinstance(part, np.ndarray):
@@ -391,7 +391,7 @@ class Run:
     writer: CheckpointWriter | None  # writes the checkpointer's files in the background (main process only)
     curves: LiveCurves | None  # step-level curves (main process only)
     data_device: torch.device  # where tokens, labels and pool are: `device` when resident, else the CPU
-    tokens: TokenFile | np.ndarray | torch.Tensor  # read a batch at a time (tgm.tokens), or resident
+    tokens: TokenFile | TokenFiles | np.ndarray | torch.Tensor  # read a batch at a time (tgm.tokens), or resident
     labels: torch.Tensor
     pool: torch.Tensor | None  # unlabelled images mixed into each batch (classify only)
     opt: torch.optim.Optimizer
@@ -755,18 +755,67 @@ def _prepared(prepared_dir: str | Path):
     from tgm.prepare import check_prepared, stream_split
     from tgm.preprocess import PreprocessSpec
 
-    classes = check_prepared(prepared_dir)["classes"]
+    meta = check_prepared(prepared_dir)
     return (
-        classes,
+        meta,
         PreprocessSpec.load(prepared_dir),
         stream_split(prepared_dir, "train"),
         stream_split(prepared_dir, "val"),
     )
 
 
+PROVENANCE_FILE = "provenance.json"
+
+
+def start_from_base(base_dir: str | Path, model_params: ModelParams, spec, device: torch.device) -> TGM:
+    """The base's weights, refused unless its architecture is model.*'s and its tokens are the task's."""
+    base = load_model(base_dir, map_location=str(device), n_classes=0, strict=False)
+    wanted = {**model_params.model_dump(), "palette_size": spec.palette_size, "seq_len": spec.seq_len}
+    for key, value in wanted.items():
+        if key != "dropout" and getattr(base.cfg, key) != value:
+            where = f"model.{key}" if key in model_params.model_dump() else f"the prepared data's {key}"
+            raise BaseMismatch(
+                f"base {base_dir} has {key} {getattr(base.cfg, key)}, {where} is {value}: set it to the base's "
+                "or leave base.path null"
+            )
+    base.cfg.dropout = model_params.dropout
+    return base
+
+
+def provenance(meta: dict, spec, tokens, epochs: int, base_dir: str | Path | None) -> dict:
+    """What a pretrained model saw and where it started: its data (source, images, pools, the tokens' digest),
+    its preprocessing, and the base it continued from, with that base's own provenance."""
+    h = hashlib.sha256()
+    for block in tokens.blocks():
+        h.update(np.ascontiguousarray(block).tobytes())
+    base = None
+    if base_dir is not None:
+        base_dir = Path(base_dir)
+        earlier = base_dir / PROVENANCE_FILE
+        base = {
+            "path": str(base_dir),
+            "weights_sha256": hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest(),
+            "provenance": json.loads(earlier.read_text()) if earlier.exists() else None,
+        }
+    return {
+        "data": {
+            "source": meta.get("source", ""),
+            "images": len(tokens),
+            "labelled_training_images": meta["split_sizes"]["train"],
+            "pool_images": meta.get("pool_images", 0),
+            "pools": meta.get("pools", {}),
+            "tokens_sha256": h.hexdigest(),
+        },
+        "preprocess": {"image_size": spec.image_size, "palette_size": spec.palette_size, "color_mode": spec.color_mode},
+        "epochs": epochs,
+        "base": base,
+    }
+
+
 def pretrain(
     model_params: ModelParams,
     params: TrainParams,
+    base: BaseParams | None = None,
     prepared_dir: str | Path = "data/prepared",
     out_dir: str | Path = "models/pretrained",
     metrics_path: str | Path = "metrics/pretrain.json",
@@ -774,40 +823,66 @@ def pretrain(
     checkpoint_dir: str | Path = "checkpoints/pretrain",
     live_dir: str | Path = "dvclive/pretrain",
 ) -> dict | None:
-    """Returns the metrics on rank 0 (None on the other torchrun ranks, which write nothing)."""
+    """Next-pixel training on the training split and the unlabelled pool (labels unused), from a random start
+    or from base.path. Returns the metrics on rank 0 (None on the other torchrun ranks, which write nothing)."""
+    from tgm.prepare import stream_pool
+
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
-    _, spec, train, val = _prepared(prepared_dir)
-    cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **model_params.model_dump())
-    model = TGM(cfg).to(device)
+    meta, spec, train, val = _prepared(prepared_dir)
+    pool = stream_pool(prepared_dir)
+    # The pool joins the training images: generative training needs no labels, and never sees val or test.
+    tokens = train[0] if pool is None else TokenFiles([train[0], pool])
+    train = (tokens, np.zeros(len(tokens), np.int64))
+    base_dir = base.path if base is not None else None
+    if base_dir:
+        model = start_from_base(base_dir, model_params, spec, device)
+    else:
+        cfg = TGMConfig(palette_size=spec.palette_size, seq_len=spec.seq_len, **model_params.model_dump())
+        model = TGM(cfg).to(device)
     if dist.is_main:
         log.info(
-            "pretrain: %.2fM parameters, %d training images of %d pixels, device %s x %d process(es)",
+            "pretrain: %.2fM parameters%s, %d training images (%d pooled) of %d pixels, device %s x %d process(es)",
             model.num_params() / 1e6,
-            len(train[0]),
+            f" from base {base_dir}" if base_dir else "",
+            len(tokens),
+            0 if pool is None else len(pool),
             spec.seq_len,
             device,
             dist.world,
         )
     ckpt = Checkpointer(
         checkpoint_dir,
-        Checkpointer.fingerprint_of("generative", device.type, params.model_dump(), asdict(cfg), train[0]),
+        Checkpointer.fingerprint_of(
+            "generative", device.type, params.model_dump(), asdict(model.cfg), tokens, base_dir
+        ),
         params.checkpoint_every,
     )
-    history, best_epoch = fit(
-        model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist, curves=LiveCurves(live_dir)
-    )
+    if params.epochs:
+        history, best_epoch = fit(
+            model, train, val, params, "generative", device, checkpointer=ckpt, dist=dist, curves=LiveCurves(live_dir)
+        )
+    else:  # straight from the base: what it is worth on this task's validation images
+        amp = resolve_precision(params.precision, device)
+        scored = evaluate_split(model, *val, "generative", 0.0, params.batch_size * 2, device, amp)
+        history, best_epoch = (
+            [{"epoch": 0, "train_loss": None, "val_loss": scored["loss"], "val_bpp": scored["bpp"]}],
+            0,
+        )
+        if dist.is_main:
+            LiveCurves(live_dir).untrained(history[0])
     metrics = None
     if dist.is_main:
-        best = history[best_epoch - 1]
+        best = history[best_epoch - 1] if best_epoch else history[0]
         with atomic_dir(out_dir) as tmp:
             save_model(model, tmp)
             spec.save(tmp)
+            write_json(tmp / PROVENANCE_FILE, provenance(meta, spec, tokens, params.epochs, base_dir))
         # Timings stay out of the metrics: metrics must repeat exactly for the same params on the same machine.
         metrics = {
             "val_bpp": round(best["val_bpp"], 6),
             "best_epoch": best_epoch,
-            "epochs_run": len(history),
+            "epochs_run": len(history) if params.epochs else 0,
             "parameters": model.num_params(),
         }
         write_curve(curve_path, history)
@@ -827,9 +902,14 @@ def finetune(
     checkpoint_dir: str | Path = "checkpoints/finetune",
     live_dir: str | Path = "dvclive/finetune",
 ) -> dict | None:
+    from tgm.prepare import load_pool
+
     seed_everything(params.seed)
     dist, device = setup_distributed(params.device)
-    classes, spec, train, val = _prepared(prepared_dir)
+    meta, spec, train, val = _prepared(prepared_dir)
+    classes = meta["classes"]
+    # Semi-supervised (finetune.unlabelled): the pool takes part in the next-pixel loss, never the class loss.
+    pool = load_pool(prepared_dir) if params.unlabelled else None
     model = load_model(
         pretrained_dir, map_location=str(device), n_classes=len(classes), strict=False, cls_grid=params.cls_grid
     )
@@ -838,7 +918,14 @@ def finetune(
     ckpt = Checkpointer(
         checkpoint_dir,
         Checkpointer.fingerprint_of(
-            "classify", device.type, params.model_dump(), asdict(model.cfg), train[0], train[1], weights
+            "classify",
+            device.type,
+            params.model_dump(),
+            asdict(model.cfg),
+            train[0],
+            train[1],
+            weights,
+            *([] if pool is None else [pool]),
         ),
         params.checkpoint_every,
     )
@@ -852,6 +939,7 @@ def finetune(
         lambda_gen=params.lambda_gen,
         checkpointer=ckpt,
         dist=dist,
+        unlabelled=pool,
         curves=LiveCurves(live_dir),
     )
     metrics = None
@@ -868,6 +956,9 @@ def finetune(
         with atomic_dir(out_dir) as tmp:
             save_model(model, tmp, extra={"classes": classes})
             spec.save(tmp)
+            pretrained = Path(pretrained_dir) / PROVENANCE_FILE
+            if pretrained.exists():  # what the pretrained model it started from saw
+                write_json(tmp / PROVENANCE_FILE, {"pretrained": json.loads(pretrained.read_text())})
         metrics = {
             "val_accuracy": round(final["accuracy"], 6),
             "val_loss": round(final["cls_loss"], 6),

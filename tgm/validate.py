@@ -2,8 +2,10 @@
 
 Each file is decoded in full (guarded by tgm.images), inspected (size after EXIF orientation, mode, channels,
 frames, pixel statistics, a perceptual hash), and the Great Expectations suites in tgm.expectations decide.
-Every input ends up in exactly one of accepted / quarantined. The stage fails only when the data as a whole
-is unusable: too large a share rejected, a class below its minimum, or fewer than two classes.
+The files of unlabelled pools go through the same guards, but not the label rules; an exact copy inside the
+pools is kept once. Every input ends up in exactly one of accepted / quarantined. The stage fails only when
+the data as a whole is unusable: too large a share of the labelled source or of a pool rejected, a class below
+its minimum, or fewer than two classes.
 """
 
 from __future__ import annotations
@@ -99,17 +101,22 @@ def inspect_manifest(manifest: pd.DataFrame, raw_dir: Path, params: ValidatePara
     info = pd.DataFrame(rows, index=manifest.index)
     df = manifest.drop(columns=["format", "width", "height", "mode"]).join(info)
     df["label"] = df["label"].replace("", None)
+    pooled = df["pool"] != ""
     name = df["path"].str.rsplit("/", n=1).str[-1]
     df["is_hidden"] = (
         name.str.startswith(".") | name.str.lower().isin(SYSTEM_FILES) | df["path"].str.contains("/.", regex=False)
     )
     df["min_side"] = df[["width", "height"]].min(axis=1)
     df["aspect"] = df[["width", "height"]].max(axis=1) / df["min_side"].where(df["min_side"] > 0)
-    # Conflicts and duplicates are judged among decodable, labelled, ordinary files only.
-    usable = df["decodable"] & df["label"].notna() & ~df["is_hidden"]
+    # Conflicts and duplicates are judged among decodable, labelled, ordinary files only ...
+    usable = df["decodable"] & df["label"].notna() & ~df["is_hidden"] & ~pooled
     labels_per_hash = df[usable].groupby("sha256")["label"].nunique()
     df["label_conflict"] = usable & df["sha256"].isin(labels_per_hash[labels_per_hash > 1].index)
     first = df[usable & ~df["label_conflict"]].groupby(["sha256", "label"])["path"].transform("first")
+    # ... and, for the pools, among all their decodable ordinary files (a copy in two pools is kept once).
+    first = pd.concat(
+        [first, df[df["decodable"] & ~df["is_hidden"] & pooled].groupby("sha256")["path"].transform("first")]
+    )
     df["duplicate_of"] = None
     dup = first[first != df.loc[first.index, "path"]]
     df.loc[dup.index, "duplicate_of"] = dup
@@ -131,16 +138,22 @@ class Verdicts:
 def judge_files(df: pd.DataFrame, suites, classes: list[str], params: ValidateParams) -> tuple[Verdicts, list]:
     """Run the row suites and give each file one reason: the first rejecting expectation, in the order
     tgm.expectations lists them. Returns the verdicts and the suites' summaries."""
-    failed, row_summaries = suites.check_rows(df)
     decode_error = dict(zip(df["path"], df["decode_error"]))
     by_path: dict[str, str] = {}
     flags: dict[str, list[str]] = {}
-    for rule in suites.rules:
-        if rule.severity == "flag":
-            flags[rule.reason] = failed[rule.reason]
+    row_summaries = []
+    pooled = df["pool"] != ""
+    for rows, pool in ((df[~pooled], False), (df[pooled], True)):
+        if pool and rows.empty:
             continue
-        for path in failed[rule.reason]:
-            by_path.setdefault(path, decode_error[path] if rule.reason == "undecodable" else rule.reason)
+        failed, summaries = suites.check_rows(rows, pool=pool)
+        row_summaries += summaries
+        for rule in suites.pool_rules if pool else suites.rules:
+            if rule.severity == "flag":
+                flags.setdefault(rule.reason, []).extend(failed[rule.reason])
+                continue
+            for path in failed[rule.reason]:
+                by_path.setdefault(path, decode_error[path] if rule.reason == "undecodable" else rule.reason)
     reasons = df["path"].map(by_path)
     quarantined = df[reasons.notna()]
     quarantine = pd.DataFrame(
@@ -183,25 +196,53 @@ def summarise(v: Verdicts, inputs: int, source: dict, params: ValidateParams) ->
         "near_duplicate_groups": len(details["near_duplicate_groups"]),
         "empty_class_folders": len(details["empty_class_folders"]),
     }
-    problems, warnings = _problems(summary, per_class, counts, v.classes, params)
+    labelled = v.accepted["pool"] == ""
+    if (v.accepted.loc[labelled, "split"] != "").any():  # the user's own splits, kept as they are
+        summary["images_per_split"] = {
+            s: int(n) for s, n in v.accepted.loc[labelled, "split"].value_counts().sort_index().items()
+        }
+    parts = part_counts(v)
+    if len(parts) > 1:
+        summary["labelled"] = parts.pop("")
+        summary["pools"] = parts
+    problems, warnings = _problems(summary, per_class, v.classes, params, part_counts(v))
     if source.get("empty_class_folders"):
         warnings.append("empty class folders ignored: " + ", ".join(source["empty_class_folders"]))
     summary.update(passed=not problems, problems=problems, warnings=warnings)
     return summary, details
 
 
-def _problems(summary: dict, per_class: pd.Series, counts: Counter, classes: list[str], params: ValidateParams):
+def part_counts(v: Verdicts) -> dict[str, dict]:
+    """Files in, accepted and rejected (with reasons) of the labelled source ("") and of each pool."""
+    parts = {}
+    pools = sorted(set(v.inspected["pool"]) - {""})
+    for part in ["", *pools]:
+        rejected = v.quarantine.loc[v.inspected.loc[v.reasons.notna(), "pool"].to_numpy() == part]
+        inputs = int((v.inspected["pool"] == part).sum())
+        parts[part] = {
+            "inputs": inputs,
+            "accepted": int((v.accepted["pool"] == part).sum()),
+            "rejected": len(rejected),
+            "reject_fraction": round(len(rejected) / max(inputs, 1), 6),
+            "rejected_by_reason": dict(sorted(Counter(rejected["reason"]).items())),
+        }
+    return parts
+
+
+def _problems(summary: dict, per_class: pd.Series, classes: list[str], params: ValidateParams, parts: dict):
     """What makes the data as a whole unusable (problems) or worth a look (warnings)."""
     problems, warnings = [], []
-    if summary["inputs"] == 0:
+    if parts[""]["inputs"] == 0:
         problems.append("the source contains no files")
-    if summary["reject_fraction"] > params.max_reject_fraction:
-        worst = ", ".join(f"{r}: {n}" for r, n in counts.most_common(3))
-        problems.append(
-            f"{summary['rejected']} of {summary['inputs']} files rejected "
-            f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction="
-            f"{params.max_reject_fraction:.1%}); most common reasons: {worst}"
-        )
+    for part, counts in parts.items():
+        if counts["reject_fraction"] > params.max_reject_fraction:
+            worst = ", ".join(f"{r}: {n}" for r, n in Counter(counts["rejected_by_reason"]).most_common(3))
+            problems.append(
+                f"{counts['rejected']} of {counts['inputs']} files"
+                + (f" of the unlabelled pool {part}" if part else "")
+                + f" rejected ({counts['reject_fraction']:.1%} > validate.max_reject_fraction="
+                f"{params.max_reject_fraction:.1%}); most common reasons: {worst}"
+            )
     small = {k: int(v) for k, v in per_class.items() if v < params.min_images_per_class}
     if small:
         problems.append(
