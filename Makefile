@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run run-gpu test lint clean
+.PHONY: setup run run-gpu run-fashion test lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ run: setup
 # The GPU profile (profiles/gpu.yaml) as the DVC experiment gpu-profile; a bad profile stops before DVC starts.
 run-gpu: setup
 	args=$$($(BIN)/python -m tgm.profiles profiles/gpu.yaml) && $(BIN)/dvc exp run -n gpu-profile $$args
+
+# The Fashion-MNIST profile (profiles/fashion.yaml) as the DVC experiment fashion: about 90 minutes on 2 cores.
+run-fashion: setup
+	args=$$($(BIN)/python -m tgm.profiles profiles/fashion.yaml) && $(BIN)/dvc exp run -n fashion $$args
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -10,7 +10,9 @@ import torch
 
 from tgm.model import TGMConfig
 from tgm.params import load_params, replace
-from tgm.train import autocast, batch_losses, make_optimizer
+from tgm.training.device import autocast
+from tgm.training.objectives import Generative
+from tgm.training.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +25,9 @@ def optimizer(model: torch.nn.Module, **changes) -> torch.optim.Optimizer:
 def train_step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, device: torch.device, amp: torch.dtype | None
 ) -> None:
-    """One next-pixel training step as tgm.train.fit takes it: autocast forward, backward, clipping, update."""
+    """One next-pixel training step as tgm.training.loop.fit takes it: autocast forward, backward, clipping, update."""
     with autocast(device, amp):
-        loss, _ = batch_losses(model, x, None, "generative", 0.0)
+        loss, _ = Generative().loss(model, x, None)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

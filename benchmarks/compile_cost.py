@@ -1,5 +1,5 @@
 """What torch.compile costs each training stage, and what it buys: whole-model compilation against the loop's
-regional one (tgm.train.compile_blocks) and eager, each stage in its own process as under `dvc repro`.
+regional one (tgm.training.optim.compile_blocks) and eager, each stage in its own process as under `dvc repro`.
 
     python benchmarks/compile_cost.py [--device auto] [--modes eager,whole,blocks] [--steps 8]
                                       [--layers L --embd E --heads H --batch B --image-size S]
@@ -30,7 +30,9 @@ import torch  # noqa: E402
 from benchmarks.common import ROOT, optimizer, sync  # noqa: E402
 from tgm.model import TGM, TGMConfig  # noqa: E402
 from tgm.params import load_params  # noqa: E402
-from tgm.train import autocast, batch_losses, compile_blocks, resolve_device, resolve_precision  # noqa: E402
+from tgm.training.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from tgm.training.objectives import Classify, Generative  # noqa: E402
+from tgm.training.optim import compile_blocks  # noqa: E402
 
 STAGES = (("pretrain", "generative"), ("finetune", "classify"), ("pretrain again", "generative"))
 
@@ -62,7 +64,7 @@ def child(args) -> dict:
         y = torch.randint(0, 10, (batch,), device=device) if classes else None
         t0 = time.perf_counter()
         with autocast(device, amp):
-            loss, _ = batch_losses(trained, x, y, args.objective, 0.25)
+            loss, _ = (Classify(0.25) if args.objective == "classify" else Generative()).loss(trained, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

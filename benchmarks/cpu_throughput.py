@@ -4,8 +4,8 @@
     python benchmarks/cpu_throughput.py --layers 8 --embd 256 --heads 8   # a wider one
 
 Both models get the same layers, width, heads, sequence (image_size ** 2 pixels), palette, batch and precision,
-and both take full training steps as tgm.train runs them: forward and cross-entropy over all T pixels,
-backward, gradient clipping at 1.0, AdamW from tgm.train.make_optimizer. For fp32 and bf16 autocast it prints
+and both take full training steps as tgm.training.loop runs them: forward and cross-entropy over all T pixels,
+backward, gradient clipping at 1.0, AdamW from tgm.training.optim.make_optimizer. For fp32 and bf16 autocast it prints
 tokens (pixels) per second for each model, T-GM / HF, achieved FLOP/s and that as a fraction of the matmul peak
 of the dtype the matmuls run in, measured here in the same run (benchmarks.common.matmul_peak). The FLOP count
 per token is benchmarks.common.train_flops_per_token (PaLM's 6N + 12·L·C·T, as nanoGPT uses it), the same for

@@ -34,7 +34,7 @@ from benchmarks.gpu_pretrain import time_steps  # noqa: E402
 from tgm.model import TGM, TGMConfig  # noqa: E402
 from tgm.params import Params, replace  # noqa: E402
 from tgm.profiles import apply  # noqa: E402
-from tgm.train import compile_blocks  # noqa: E402
+from tgm.training.optim import compile_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"n_layer": 1, "n_head": 2, "n_embd": 32}
@@ -105,7 +105,8 @@ def main() -> None:
         sys.exit("gpu_check: give --prepared DIR (made with --prepare DIR where the whole project is installed)")
     from tgm.evaluate import evaluate
     from tgm.io import read_json
-    from tgm.train import finetune, pretrain, resolve_device
+    from tgm.training.device import resolve_device
+    from tgm.training.stages import finetune, pretrain
 
     meta = read_json(args.prepared / "meta.json")
     if meta["image_size"] != p.prepare.image_size or meta["palette_size"] != p.prepare.palette_size:
@@ -130,36 +131,35 @@ def main() -> None:
             )
     stages = {
         "pretrain": lambda: pretrain(
-            p.model,
             p.pretrain,
-            p.base,
-            args.prepared,
-            work / "pretrained",
-            work / "pretrain.json",
-            work / "pretrain_curve.csv",
-            work / "ckpt_pretrain",
-            work / "live_pretrain",
+            model=p.model,
+            base=p.base,
+            prepared_dir=args.prepared,
+            out_dir=work / "pretrained",
+            metrics_path=work / "pretrain.json",
+            curve_path=work / "pretrain_curve.csv",
+            checkpoint_dir=work / "ckpt_pretrain",
+            live_dir=work / "live_pretrain",
         ),
         "finetune": lambda: finetune(
             p.finetune,
-            args.prepared,
-            work / "pretrained",
-            work / "classifier",
-            work / "finetune.json",
-            work / "finetune_curve.csv",
-            work / "ckpt_finetune",
-            work / "live_finetune",
+            prepared_dir=args.prepared,
+            pretrained_dir=work / "pretrained",
+            out_dir=work / "classifier",
+            metrics_path=work / "finetune.json",
+            curve_path=work / "finetune_curve.csv",
+            checkpoint_dir=work / "ckpt_finetune",
+            live_dir=work / "live_finetune",
         ),
         "evaluate": lambda: evaluate(
             p.evaluate,
-            args.prepared,
-            work / "classifier",
-            work / "pretrained",
-            work / "evaluate.json",
-            work / "confusion.csv",
-            work / "completions.png",
-            work / "typicality.json",
-            work / "live_evaluate",
+            prepared_dir=args.prepared,
+            classifier_dir=work / "classifier",
+            pretrained_dir=work / "pretrained",
+            metrics_path=work / "evaluate.json",
+            confusion_path=work / "confusion.csv",
+            completions_path=work / "completions.png",
+            typicality_path=work / "typicality.json",
         ),
     }
     for name, run in stages.items():

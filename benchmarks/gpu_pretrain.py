@@ -6,7 +6,7 @@
 Each mode times the training step the `pretrain` stage runs (bf16 autocast forward through SDPA, backward,
 gradient clipping, AdamW) on random palette tokens, after warm-up, and prints tokens/s, achieved FLOP/s
 (benchmarks/common.py's count) and MFU = achieved FLOP/s over this device's measured bf16 matmul peak
-(8192^3 product, same run). --fit-check also runs tgm.train.fit for one epoch on a prepared dataset with
+(8192^3 product, same run). --fit-check also runs tgm.training.loop.fit for one epoch on a prepared dataset with
 the profile's precision and compile settings and a checkpoint, as the stage would on this device.
 """
 
@@ -56,7 +56,10 @@ def time_steps(model: torch.nn.Module, raw: TGM, batch: int, seconds: float, dev
 def fit_check(prepared: Path, cfg_args: dict, device: torch.device, compile_model: bool) -> dict:
     import numpy as np
 
-    from tgm.train import Checkpointer, fit
+    from tgm.training.checkpoint import Checkpoints
+    from tgm.training.data import Split
+    from tgm.training.loop import fit
+    from tgm.training.objectives import Generative
 
     def load(split: str) -> tuple[np.ndarray, np.ndarray]:
         return np.load(prepared / f"{split}_tokens.npy").astype(np.int64), np.load(prepared / f"{split}_labels.npy")
@@ -79,12 +82,12 @@ def fit_check(prepared: Path, cfg_args: dict, device: torch.device, compile_mode
         t0 = time.perf_counter()
         history, _ = fit(
             model,
-            train,
-            val,
+            Split(*train),
+            Split(*val),
             params,
-            "generative",
+            Generative(),
             device,
-            checkpointer=Checkpointer(ckpt_dir, "gpu-check", params.checkpoint_every),
+            checkpoints=Checkpoints(ckpt_dir, "gpu-check", params.checkpoint_every, device),
         )
         wrote = (Path(ckpt_dir) / "checkpoint.pt").exists()
     return {

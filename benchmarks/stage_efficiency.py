@@ -1,5 +1,5 @@
-"""How much of the training step's speed the `pretrain` stage's loop delivers: the real tgm.train.fit on prepared
-data next to the bare benchmark step of the same configuration, timed in alternating rounds of one run.
+"""How much of the training step's speed the `pretrain` stage's loop delivers: the real tgm.training.loop.fit on
+prepared data next to the bare benchmark step of the same configuration, timed in alternating rounds of one run.
 
     python benchmarks/stage_efficiency.py [--prepared data/prepared] [--device auto] [--rounds 3] [--epochs 1]
 
@@ -29,16 +29,19 @@ from tgm.io import read_json  # noqa: E402
 from tgm.model import TGM, TGMConfig  # noqa: E402
 from tgm.params import load_params, replace  # noqa: E402
 from tgm.prepare import stream_split  # noqa: E402
-from tgm.train import fit, resolve_device, resolve_precision  # noqa: E402
+from tgm.training.data import Split  # noqa: E402
+from tgm.training.device import resolve_device, resolve_precision  # noqa: E402
+from tgm.training.loop import fit  # noqa: E402
+from tgm.training.objectives import Generative  # noqa: E402
 
 
 def fit_round(cfg: TGMConfig, train, params, device) -> float:
-    """Tokens/s of tgm.train.fit over `params.epochs` epochs, validation and checkpoints off."""
+    """Tokens/s of tgm.training.loop.fit over `params.epochs` epochs, validation and checkpoints off."""
     torch.manual_seed(0)
     model = TGM(cfg).to(device)
     sync(device)
     t0 = time.perf_counter()
-    fit(model, train, None, params, "generative", device)
+    fit(model, Split(*train), None, params, Generative(), device)
     sync(device)
     return params.epochs * len(train[0]) * train[0].shape[1] / (time.perf_counter() - t0)
 

@@ -120,6 +120,7 @@ def record(workdir: str, results: list[dict], failure: StageFailed | None) -> st
 @flow(name="tgm-pipeline", log_prints=True)
 def pipeline(
     workdir: str = ".",
+    *,
     source: str | None = None,
     params: ParamsOverride | None = None,
     overrides: list[str] | None = None,
@@ -155,8 +156,7 @@ def pipeline(
     with (
         workspace_lock(workdir, wait_s=wait_for_workspace_s),
         overridden_params(workdir, sets),
-        # The chunks' flow run (tgm-data-chunks) reports to the same Prefect API as this one.
-        environment(TGM_DASK_ADDRESS=dask_address, PREFECT_API_URL=dask_address and PREFECT_API_URL.value()),
+        environment(**stage_environment(dask_address)),
     ):
         if sets:
             logger.info("params for this run: %s", ", ".join(f"{k}={v!r}" for k, v in sets.items()))
@@ -188,6 +188,12 @@ def serve(cron: str | None, interval: float | None, name: str, parameters: dict,
         limit=limit,
         description="T-GM: reproduce the DVC pipeline, gate and package; runs saved as DVC experiments",
     )
+
+
+def stage_environment(dask_address: str | None) -> dict[str, str | None]:
+    """What the stages this flow starts must see: the Dask scheduler for their per-file work, and then this
+    flow's Prefect API, so that the chunks' flow run (tgm-data-chunks) reports to the same server."""
+    return {"TGM_DASK_ADDRESS": dask_address, "PREFECT_API_URL": PREFECT_API_URL.value() if dask_address else None}
 
 
 @contextlib.contextmanager

@@ -59,7 +59,17 @@ TINY_PARAMS = {
     # No champion comparison here: tests change params freely; tests/test_champion.py switches it on.
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_regression": None},
 }
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "bentofile.yaml", "pyproject.toml", "tgm", "flows", "data/sources", "bases"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "bentofile.yaml",
+    "constraints.txt",
+    "pyproject.toml",
+    "tgm",
+    "flows",
+    "data/sources",
+    "bases",
+]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -119,14 +129,42 @@ def bentoml_home(tmp_path_factory) -> Path:
     return home
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """path -> sha256 of every file under `root`, but DVC's scratch folder (.dvc/tmp) and Python's caches."""
+    import hashlib
+
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not path.is_symlink() and not rel.startswith(".dvc/tmp") and "__pycache__" not in rel:
+            digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory, bentoml_home) -> Path:
     """The whole pipeline reproduced once on builtin:digits, committed, its model packaged in `bentoml_home`.
-    Read it, never change it: a test that runs DVC, the flow or the gate on a project takes `digits_project`."""
+    Read it, never change it: a test that runs DVC, the flow or the gate on a project takes `digits_project`.
+    When the session ends, every file must be as the first run left it."""
     project = make_project(tmp_path_factory.mktemp("digits") / "project", TINY_PARAMS)
     run(["dvc", "repro"], project, timeout=900)
     commit_all(project, "first run")
-    return project
+    before = tree_digest(project)
+    yield project
+    after = tree_digest(project)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared read-only project (use digits_project): {changed[:10]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here); run where one is, e.g. the lent GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

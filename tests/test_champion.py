@@ -156,7 +156,7 @@ def test_the_champion_travels_through_the_dvc_remote_to_a_fresh_clone(digits_pro
         meta = httpx.get(f"{url}/metadata", headers={"Authorization": "Bearer k3y"}, timeout=10).json()
         assert meta["model"] == champion and meta["task"]["id"] == task
         card = httpx.get(f"{url}/model_card", headers={"Authorization": "Bearer k3y"}, timeout=10)
-        assert card.text.startswith(f"# Model card: `{champion}`")
+        assert card.text.startswith("---\n") and f"\n---\n\n# Model card: `{champion}`" in card.text
         # The README's client example, as written but for the address and the image files.
         images = sorted((clone / "data" / "raw" / "images" / "3").iterdir())[:2]
         for name, image in zip(("digit.png", "another.png"), images):

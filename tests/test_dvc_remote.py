@@ -220,3 +220,26 @@ def test_s3_remote_round_trip(digits_project, moto_endpoint, s3_env):
         if clone is not None:
             shutil.rmtree(clone, ignore_errors=True)
     assert_fixture_untouched(project)
+
+
+def test_each_artifact_is_fetched_by_name_from_another_clone(digits_project, tmp_path):
+    """dvc.yaml's artifacts, registered as versions (GTO git tags), fetched with `dvc artifacts get` into a
+    second clone: byte for byte what the first project made."""
+    first = digits_project
+    artifacts = yaml.safe_load((first / "dvc.yaml").read_text())["artifacts"]
+    assert set(artifacts) == {"tgm-base", "tgm-classifier", "tgm-classifier-bento"}
+    for name in artifacts:
+        run(["gto", "register", name, "HEAD"], first)
+    second = tmp_path / "second"
+    run(["git", "clone", "-q", str(first), str(second)], tmp_path)
+    for name, spec in artifacts.items():
+        assert spec["type"] == "model" and spec["desc"] and spec["labels"]
+        out = tmp_path / "fetched" / name
+        run(["dvc", "artifacts", "get", str(first), name, "-o", str(out)], second, timeout=300)
+        made = {
+            p.relative_to(first / spec["path"]): p.read_bytes()
+            for p in (first / spec["path"]).rglob("*")
+            if p.is_file()
+        }
+        got = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert got == made and made, name

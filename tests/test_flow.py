@@ -1,6 +1,7 @@
 """The Prefect flow runs each stage through DVC, so it agrees with `dvc repro`, and fails when the gate does."""
 
 import os
+import re
 import threading
 import time
 
@@ -72,7 +73,11 @@ def test_flow_runs_only_what_dvc_says_is_stale_and_records_an_experiment(prefect
     # The override held for the run only; the experiment keeps it.
     assert (digits_project / "params.yaml").read_bytes() == before
     name = result["experiment"]
-    assert name.startswith("prefect-") and state.name  # named after the flow run
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run_name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert name == "prefect-" + re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip("-.")  # named after the flow run
     exp = experiments(digits_project)[name]
     assert exp["params"]["params.yaml"]["data"]["evaluate"]["top_k"] == 3
     assert "accuracy" in exp["metrics"]["metrics/evaluate.json"]["data"]
@@ -82,7 +87,7 @@ def test_flow_runs_only_what_dvc_says_is_stale_and_records_an_experiment(prefect
     found = artifacts_of(state)
     assert set(found) >= {"tgm-stages", "tgm-metrics", "tgm-validation", "tgm-gate", "tgm-package"}
     # evaluate changed the metrics, so the model was packaged anew (with its card) and promoted.
-    assert found["tgm-model-card"].startswith("# Model card: `tgm-classifier:")
+    assert found["tgm-model-card"].startswith("---\n") and "\n# Model card: `tgm-classifier:" in found["tgm-model-card"]
     assert "(champion)" in found["tgm-champion"] and "Task: `builtin-digits-" in found["tgm-gate"]
     assert "| evaluate | ran |" in found["tgm-stages"] and "| ingest | up to date, skipped |" in found["tgm-stages"]
     assert "| accuracy |" in found["tgm-metrics"] and "dvc metrics diff HEAD" in found["tgm-metrics"]
@@ -167,15 +172,15 @@ def test_the_workspace_lock_waits_for_its_holder(tmp_path):
 def test_the_dask_address_reaches_the_stages_with_this_flows_api_and_is_then_restored(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.pipeline import environment
+    from flows.pipeline import environment, stage_environment
 
     monkeypatch.delenv("TGM_DASK_ADDRESS", raising=False)
     monkeypatch.setenv("PREFECT_API_URL", "http://before")
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         address = "tcp://scheduler:8786"
-        with environment(TGM_DASK_ADDRESS=address, PREFECT_API_URL=address and PREFECT_API_URL.value()):
+        with environment(**stage_environment(address)):  # what the flow enters around its stages
             assert os.environ["TGM_DASK_ADDRESS"] == address
             assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
         assert "TGM_DASK_ADDRESS" not in os.environ and os.environ["PREFECT_API_URL"] == "http://before"
-        with environment(TGM_DASK_ADDRESS=None, PREFECT_API_URL=None):  # no cluster: nothing is touched
+        with environment(**stage_environment(None)):  # no cluster: nothing is touched
             assert "TGM_DASK_ADDRESS" not in os.environ and os.environ["PREFECT_API_URL"] == "http://before"

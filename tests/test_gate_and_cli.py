@@ -9,9 +9,10 @@ import pytest
 import yaml
 from conftest import ROOT, merge, params_of
 
-from tgm.cli import STAGES
-from tgm.gate import GateFailed, gate
+from tgm.cli import HELP
+from tgm.gate import GateFailed, judge
 from tgm.registry import Registry, task_of
+from tgm.stages import STAGES
 
 DIGITS = task_of("builtin:digits", [str(d) for d in range(10)])
 
@@ -33,7 +34,7 @@ def write_metrics(tmp_path, accuracy, macro_f1):
 
 
 def test_gate_passes_a_good_model_and_writes_its_report(tmp_path):
-    report = gate(
+    report = judge(
         params_of("gate", min_accuracy=0.9, min_macro_f1=0.9),
         DIGITS,
         write_metrics(tmp_path, 0.95, 0.94),
@@ -46,7 +47,7 @@ def test_gate_passes_a_good_model_and_writes_its_report(tmp_path):
 
 def test_gate_names_each_failed_check_with_its_value(tmp_path):
     with pytest.raises(GateFailed) as err:
-        gate(
+        judge(
             params_of("gate", min_accuracy=0.9, min_macro_f1=0.9),
             DIGITS,
             write_metrics(tmp_path, 0.85, 0.95),
@@ -73,17 +74,21 @@ def test_gate_command_exits_non_zero_when_a_check_fails(tmp_path):
     assert (tmp_path / "reports" / "gate.json").exists()
 
 
+def test_every_stage_of_the_table_has_help_and_nothing_else_does():
+    assert set(HELP) == set(STAGES)
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_stage_has_help(stage):
     proc = tgm(stage, "--help")
-    summary, description = STAGES[stage]
+    summary, description = HELP[stage]
     assert proc.returncode == 0 and "--params" in proc.stdout
     assert " ".join(description.split()) in " ".join(proc.stdout.split())
 
 
 def test_top_level_help_shows_each_summary_whole_and_version_works():
     listing = "".join(tgm("--help").stdout.split())  # argparse wraps lines, at hyphens too
-    for summary, _ in STAGES.values():
+    for summary, _ in HELP.values():
         assert "".join(summary.split()) in listing
     version = tgm("--version")
     assert version.returncode == 0 and version.stdout.startswith("tgm ") and version.stdout.split()[1][0].isdigit()
@@ -117,7 +122,7 @@ def test_gate_refuses_a_model_worse_than_the_champion_by_more_than_the_tolerance
     params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
     registry = registry_with_champion(tmp_path, DIGITS, 0.95, 0.95)
     with pytest.raises(GateFailed) as err:
-        gate(params, DIGITS, write_metrics(tmp_path, 0.93, 0.95), tmp_path / "gate.json", registry)
+        judge(params, DIGITS, write_metrics(tmp_path, 0.93, 0.95), tmp_path / "gate.json", registry)
     assert "accuracy = 0.9300 (needs >= 0.9400: champion tgm-classifier:old has 0.9500, gate.max_regression)" in str(
         err.value
     )
@@ -129,10 +134,10 @@ def test_gate_refuses_a_model_worse_than_the_champion_by_more_than_the_tolerance
 def test_gate_passes_a_model_within_the_tolerance_or_better_than_the_champion(tmp_path):
     params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
     registry = registry_with_champion(tmp_path, DIGITS, 0.95, 0.95)
-    assert gate(params, DIGITS, write_metrics(tmp_path, 0.945, 0.96), tmp_path / "gate.json", registry)["passed"]
+    assert judge(params, DIGITS, write_metrics(tmp_path, 0.945, 0.96), tmp_path / "gate.json", registry)["passed"]
     # The comparison switched off: only the floors count.
     off = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=None)
-    report = gate(off, DIGITS, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
+    report = judge(off, DIGITS, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
     assert report["passed"] and report["champion"] is None
 
 
@@ -142,7 +147,7 @@ def test_a_model_of_another_task_is_never_compared_with_this_tasks_champion(tmp_
     # Same source, other classes; other source, same classes: both are other tasks, with no champion yet.
     for other in (task_of("builtin:digits", ["0", "1", "2"]), task_of("folder:data/sources/scans", DIGITS.classes)):
         assert other.id != DIGITS.id
-        report = gate(params, other, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
+        report = judge(params, other, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
         assert report["passed"] and report["champion"] is None and report["task"]["id"] == other.id
         assert [c["name"] for c in report["checks"]] == ["min_accuracy", "min_macro_f1"]
     # A task named in params (gate.task) keeps its champion across a change of source.
@@ -150,7 +155,7 @@ def test_a_model_of_another_task_is_never_compared_with_this_tasks_champion(tmp_
     registry_with_champion(tmp_path, named, 0.99, 0.99)
     with pytest.raises(GateFailed, match="champion tgm-classifier:old has 0.9900"):
         elsewhere = task_of("folder:elsewhere", ["x"], name="digits")
-        gate(params, elsewhere, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
+        judge(params, elsewhere, write_metrics(tmp_path, 0.6, 0.6), tmp_path / "gate.json", registry)
 
 
 def test_task_ids_are_stable_and_readable():
@@ -166,4 +171,4 @@ def test_a_damaged_registry_is_a_clear_error_not_a_traceback(tmp_path):
     (tmp_path / "registry" / "champions.json").write_text('{"latest": ')
     params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
     with pytest.raises(RegistryError, match="champions.json is not valid JSON .*dvc checkout registry"):
-        gate(params, DIGITS, write_metrics(tmp_path, 0.9, 0.9), tmp_path / "gate.json", tmp_path / "registry")
+        judge(params, DIGITS, write_metrics(tmp_path, 0.9, 0.9), tmp_path / "gate.json", tmp_path / "registry")

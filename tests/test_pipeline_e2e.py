@@ -49,6 +49,13 @@ def test_first_run_produces_every_output(built_project):
     assert metrics["accuracy"] > 0.5
     package = json.loads((p / "reports/package.json").read_text())
     assert package["model_tag"].startswith("tgm-classifier:") and package["bento_tag"]
+    # The model card opens with Hugging Face's metadata block, its numbers the evaluation's.
+    card = (p / "reports/model_card.md").read_text()
+    hub = yaml.safe_load(card.split("---\n")[1])
+    assert hub["pipeline_tag"] == "image-classification" and hub["datasets"] == ["builtin:digits"]
+    scored = {m["type"]: m["value"] for m in hub["model-index"][0]["results"][0]["metrics"]}
+    assert hub["model-index"][0]["name"] == package["model_tag"]
+    assert scored == {"accuracy": metrics["accuracy"], "f1": metrics["macro_f1"]}
     assert not list(p.rglob("*.pkl")) and not list((p / "models").rglob("*.pt"))
 
 
@@ -56,6 +63,30 @@ def test_nothing_changed_means_no_stage_runs(digits_project):
     out = run(["dvc", "repro"], digits_project).stdout
     assert ran_stages(out) == []
     assert "up to date" in out
+
+
+def stale_after(project, path: str, edit) -> set[str]:
+    """The stages `dvc status` calls stale after `edit` changes `path` (put back afterwards)."""
+    file = project / path
+    before = file.read_text()
+    file.write_text(edit(before))
+    try:
+        return set(json.loads(run(["dvc", "status", "--json"], project).stdout or "{}"))
+    finally:
+        file.write_text(before)
+
+
+def test_an_edit_makes_stale_only_the_stages_whose_outputs_it_can_change(digits_project):
+    p = digits_project
+    assert stale_after(p, "tgm/cli.py", lambda s: s.replace("List every file", "List each file")) == set()
+    assert stale_after(p, "pyproject.toml", lambda s: s.replace('version = "', 'version = "9')) == set()
+    # The registry: the gate reads the champions, promote writes them, the Bento packs the service that serves them.
+    registry = stale_after(p, "tgm/registry.py", lambda s: s + "\n# a comment\n")
+    assert registry == {"gate", "package", "promote"}, registry
+    checkpoints = stale_after(p, "tgm/training/checkpoint.py", lambda s: s + "\n# a comment\n")
+    assert checkpoints == {"pretrain", "finetune"}, checkpoints  # not study, whose fits take no checkpoints
+    objectives = stale_after(p, "tgm/training/objectives.py", lambda s: s + "\n# a comment\n")
+    assert objectives == {"pretrain", "finetune", "study", "evaluate"}, objectives
 
 
 def test_changing_a_finetune_param_reruns_only_finetune_and_downstream(digits_project):
@@ -113,7 +144,40 @@ def test_dvc_exp_run_shows_step_level_training_curves_and_plots_diff_compares_co
     # Today's per-epoch plot definitions (dvc.yaml's titled plots) are still drawn for both commits.
     epochs = diff["data"]["Fine-tuning (validation)"][0]["content"]["data"]["values"]
     assert {row["rev"] for row in epochs} == {"HEAD~1", "HEAD"}
-    assert "dvclive/evaluate/plots/sklearn/confusion_matrix.json" in diff["data"]
+    assert "Test confusion matrix" in diff["data"]  # declared once, in dvc.yaml's plots
+    assert not any("dvclive/evaluate" in name for name in diff["data"])
+
+
+def test_a_queued_two_point_sweep_evaluates_each_point_and_packages_none(digits_project):
+    """docs/commands.md's sweep: two learning rates queued up to `evaluate`, run by a queue worker, compared
+    with `dvc exp show`; neither point is gated, packaged or promoted."""
+    import time
+
+    p = digits_project
+    lock = yaml.safe_load((p / "dvc.lock").read_text())["stages"]
+    run(["dvc", "exp", "run", "--queue", "-S", "finetune.lr=0.002,0.008", "evaluate"], p)
+    run(["dvc", "queue", "start"], p)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = run(["dvc", "queue", "status"], p).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+        assert status.count("Success") == 2, status
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], p, check=False)
+    found = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
+    points = [rev for baseline in found for exp in baseline.get("experiments") or [] for rev in exp.get("revs") or []]
+    lrs = sorted(r["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] for r in points)
+    assert lrs == [0.002, 0.008]
+    for point in points:
+        assert "accuracy" in point["data"]["metrics"]["metrics/evaluate.json"]["data"]
+        exp_lock = yaml.safe_load(run(["git", "show", f"{point['rev']}:dvc.lock"], p).stdout)["stages"]
+        assert exp_lock["finetune"] != lock["finetune"]  # fine-tuned anew at its rate ...
+        for stage in ("gate", "package", "promote"):  # ... and never judged, packaged or promoted
+            assert exp_lock[stage] == lock[stage], stage
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], p).stdout == ""
 
 
 def test_a_folder_versioned_with_dvc_add_is_stored_once_and_an_edit_reruns_what_depends_on_it(tmp_path):

@@ -44,6 +44,9 @@ def test_copies_of_test_and_validation_images_in_a_pool_are_set_aside_and_change
         (pool / "new").mkdir(parents=True, exist_ok=True)
         (pool / "new" / Path(path).name).write_bytes(png(np.ascontiguousarray(arr)))
     set_pool(project, ["folder:data/sources/pool"])
+    # Short training, the same for both runs: what matters is that the two agree.
+    set_param(project, "pretrain", "epochs", 2)
+    set_param(project, "finetune", "epochs", 3)
     run(["dvc", "repro", "evaluate"], project, timeout=900)
     before = json.loads((project / "metrics/evaluate.json").read_text())
     pooled_before = json.loads((project / "data/prepared/meta.json").read_text())["pool_images"]
@@ -91,6 +94,7 @@ def test_a_second_task_fine_tunes_from_a_base_fetched_from_the_first_project(bui
             "ingest": {"source": "folder:data/sources/words"},
             "base": {"path": "bases/digits"},
             "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 0},
+            "finetune": {**TINY_PARAMS["finetune"], "epochs": 8},
         },
     )
     write_words_source(second)

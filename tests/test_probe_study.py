@@ -93,12 +93,12 @@ def test_study_never_reads_a_label_outside_its_subset(built_project, tmp_path, m
     def run(tag):
         return study(
             params,
-            finetune,
-            prepared,
-            built_project / "models/pretrained",
-            tmp_path / f"{tag}.json",
-            tmp_path / f"{tag}.csv",
-            tmp_path / f"{tag}.png",
+            finetune=finetune,
+            prepared_dir=prepared,
+            pretrained_dir=built_project / "models/pretrained",
+            metrics_path=tmp_path / f"{tag}.json",
+            table_path=tmp_path / f"{tag}.csv",
+            plot_path=tmp_path / f"{tag}.png",
         )
 
     first = run("a")
@@ -119,8 +119,29 @@ def test_study_never_reads_a_label_outside_its_subset(built_project, tmp_path, m
     np.save(prepared / "val_labels.npy", rng.permutation(val))
     assert run("b") == first
     table = pd.read_csv(tmp_path / "a.csv")
-    assert set(table["arm"]) == set(ARMS)
+    assert set(table["arm"]) == set(ARMS) - {"labelled_only"}  # study.labelled_only_steps is 0
     assert table.loc[table["arm"].isin(NEURAL), "train_accuracy"].notna().all()
+
+
+@pytest.mark.slow
+def test_a_study_by_labels_per_class_with_the_arm_pretrained_on_its_subset_alone(built_project, tmp_path):
+    params = params_of("study", **{**STUDY, "per_class": (3,), "labelled_only_steps": 6})
+    finetune = params_of("finetune", **{**TINY_PARAMS["finetune"], "checkpoint_every": 0})
+    metrics = study(
+        params,
+        finetune=finetune,
+        prepared_dir=built_project / "data/prepared",
+        pretrained_dir=built_project / "models/pretrained",
+        metrics_path=tmp_path / "m.json",
+        table_path=tmp_path / "t.csv",
+        plot_path=tmp_path / "p.png",
+    )
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert set(table["arm"]) == set(ARMS) and (table["labelled"] == 30).all() and (table["per_class"] == 3).all()
+    entry = metrics["3_per_class"]
+    assert entry["labelled"] == 30
+    assert entry["unlabelled_gain"] == pytest.approx(entry["tgm"]["mean"] - entry["labelled_only"]["mean"], abs=1e-6)
+    assert entry["labelled_only"]["train_accuracy"] is not None
 
 
 @pytest.mark.slow
@@ -142,12 +163,13 @@ def test_study_summarises_every_arm_over_its_subsets(built_project):
     metrics = json.loads((built_project / "metrics/study.json").read_text())
     table = pd.read_csv(built_project / "plots/label_efficiency.csv")
     fractions, subsets = TINY_PARAMS["study"]["fractions"], TINY_PARAMS["study"]["subsets"]
-    assert len(table) == len(fractions) * subsets * len(ARMS)
+    arms = [a for a in ARMS if a != "labelled_only"]  # off by default (study.labelled_only_steps: 0)
+    assert len(table) == len(fractions) * subsets * len(arms)
     assert sorted(metrics) == sorted(f"{f * 100:g}pct" for f in fractions)
     for fraction, rows in table.groupby("fraction"):
         entry = metrics[f"{fraction * 100:g}pct"]
         assert entry["subsets"] == subsets
-        for arm in ARMS:
+        for arm in arms:
             acc = rows.loc[rows["arm"] == arm, "test_accuracy"]
             assert entry[arm]["mean"] == pytest.approx(acc.mean(), abs=1e-6)
             assert entry[arm]["std"] == pytest.approx(acc.std(ddof=0), abs=1e-6)
@@ -174,5 +196,7 @@ def test_the_study_trains_its_own_budget_whatever_finetune_max_steps_says():
     x, y = rng.integers(0, 4, (48, 16)), rng.integers(0, 2, 48)
     model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
     params = params_of("finetune", batch_size=16, max_steps=1)
-    history = train_neural(model, x, y, params, 3, None, (x[:8], y[:8]), torch.device("cpu"))
+    history = train_neural(
+        model, x, y, params, epochs=3, unlabelled=None, selection=(x[:8], y[:8]), device=torch.device("cpu")
+    )
     assert [row["epoch"] for row in history] == [1, 2, 3]

@@ -21,6 +21,19 @@ def test_the_gpu_profile_is_valid_params_and_becomes_dvc_set_arguments():
     assert parse_overrides(args[1::2]) == overrides(profile)  # what DVC reads back is what the profile says
 
 
+def test_the_fashion_profile_is_valid_params_and_its_arguments_survive_the_makefiles_shell():
+    profile = ROOT / "profiles/fashion.yaml"
+    p = apply(profile, ROOT / "params.yaml")
+    assert p.ingest.source == "builtin:fashion-mnist" and p.study.per_class == (10, 100)
+    printed = subprocess.run(
+        [sys.executable, "-m", "tgm.profiles", str(profile)], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
+    # What `args=$(...) && dvc exp run $args` hands DVC: the words of the line, re-read as DVC reads -S values.
+    words = printed.split()
+    assert words[::2] == ["-S"] * len(overrides(profile))
+    assert parse_overrides(words[1::2]) == overrides(profile)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [("model:\n  n_layers: 8\n", "model.n_layers is not a key"), ("model:\n  n_head: 3\n", "divisible")],

@@ -1,17 +1,20 @@
-"""`bentoml serve` answers over real HTTP exactly as the in-process model does, refuses bad requests with 4xx
-JSON errors, and, with TGM_API_KEY set, only talks to callers that hold the key."""
+"""`bentoml serve` answers over real HTTP what the model says (computed apart from the service's own helpers,
+tests/support/reference.py), refuses bad requests with 4xx JSON errors, sheds load with a 503, serves the
+model it is told to, and, with TGM_API_KEY set, only talks to callers that hold the key."""
 
 import asyncio
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from support import local_server
-from support.classifier import Classifier
+from support.reference import Reference
 
 from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
 
@@ -33,7 +36,7 @@ def served(built_project):
 
 @pytest.fixture(scope="module")
 def classifier(built_project):
-    return Classifier(built_project / "models/classifier", built_project / "reports/typicality.json")
+    return Reference(built_project / "models/classifier", built_project / "reports/typicality.json")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +48,8 @@ def upload(path: Path, field: str = "image"):
     return (field, (path.name, path.read_bytes(), "image/png"))
 
 
-def expected(classifier, path: Path) -> dict:
-    with Image.open(path) as im:
-        return classifier.classify([im])[0]
+def expected(classifier: Reference, path: Path) -> dict:
+    return classifier.answer(path)
 
 
 def same_answer(body: dict, want: dict) -> None:
@@ -139,7 +141,14 @@ def test_metadata_says_which_model_answers(served, built_project):
     calibration = json.loads((built_project / "reports/typicality.json").read_text())
     assert meta["typicality"]["threshold_bpp"] == calibration["threshold"]
     assert meta["typicality"]["refuse_atypical"] is False
-    assert meta["git_commit"] and meta["data_hash"] not in (None, "unknown")
+    # The commit the pipeline ran on (package runs before `first run` is committed, on top of the project's).
+    first = subprocess.run(
+        ["git", "rev-list", "--max-parents=0", "HEAD"], cwd=built_project, capture_output=True, text=True
+    )
+    assert meta["git_commit"].removesuffix("-dirty") == first.stdout.strip()
+    lock = yaml.safe_load((built_project / "dvc.lock").read_text())
+    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert meta["data_hash"] == prepared["md5"]
 
 
 def test_openapi_documents_every_endpoint(served):
@@ -210,16 +219,29 @@ def noise_png(seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def counters(url: str) -> dict[str, float]:
+    """tgm_bits_per_pixel_count and tgm_atypical_images_total on BentoML's /metrics (0 before the first)."""
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    found = {name: 0.0 for name in ("tgm_bits_per_pixel_count", "tgm_atypical_images_total")}
+    for line in lines:
+        name, _, value = line.rpartition(" ")
+        if name.split("{")[0] in found:
+            found[name.split("{")[0]] += float(value)
+    return found
+
+
 def test_typicality_is_answered_and_counted_on_metrics(served, images):
+    before = counters(served)
     noise = httpx.post(f"{served}/classify", files=[("image", ("n.png", noise_png(), "image/png"))], timeout=30)
     assert noise.status_code == 200 and noise.json()["typical"] is False  # answered, flagged
     r = httpx.post(f"{served}/classify_batch", files=[upload(p, "images") for p in images[:4]], timeout=30)
-    assert all(isinstance(a["bits_per_pixel"], float) for a in r.json()["results"])
-    metrics = httpx.get(f"{served}/metrics", timeout=10).text
-    counted = [line for line in metrics.splitlines() if line.startswith("tgm_bits_per_pixel_count")]
-    assert counted and float(counted[0].split()[-1]) >= 5
-    atypical = [line for line in metrics.splitlines() if line.startswith("tgm_atypical_images_total")]
-    assert atypical and float(atypical[0].split()[-1]) >= 1
+    results = r.json()["results"]
+    assert all(isinstance(a["bits_per_pixel"], float) for a in results)
+    after = counters(served)
+    # This test's five images, whatever earlier tests counted: each scored, each atypical one counted once.
+    assert after["tgm_bits_per_pixel_count"] - before["tgm_bits_per_pixel_count"] == 5
+    atypical = 1 + sum(a["typical"] is False for a in results)
+    assert after["tgm_atypical_images_total"] - before["tgm_atypical_images_total"] == atypical
 
 
 def test_oversized_headers_get_a_431(served, images):
@@ -234,6 +256,23 @@ def test_a_decompression_bomb_is_refused_before_decoding(served):
     Image.new("L", (8000, 8000)).save(buf, format="PNG")  # 64 Mpx, compresses to a few kB
     r = httpx.post(f"{served}/classify", files=[("image", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
     assert r.status_code == 400 and "too_large" in r.text
+
+
+def test_the_bento_carries_the_tested_environment(built_project):
+    """Every package the Bento installs is pinned, at the version constraints.txt says the tests ran with."""
+    import bentoml
+    from conftest import ROOT
+
+    from tgm.bento_env import canonical, pins
+
+    bento = bentoml.bentos.get(json.loads((built_project / "reports/package.json").read_text())["bento_tag"])
+    text = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("#", "-"))]
+    assert all("==" in line for line in lines), [line for line in lines if "==" not in line]
+    installed = {canonical(n): v for n, v in (line.split("==", 1) for line in lines)}
+    tested = pins(ROOT / "constraints.txt")
+    assert {"torch", "numpy", "pillow", "fastapi", "safetensors", "pandera"} <= set(installed)
+    assert {n: v for n, v in installed.items() if tested.get(n) != v} == {}
 
 
 def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(built_project, tmp_path, images):
@@ -255,11 +294,12 @@ def test_the_bento_serves_outside_the_repo_with_its_own_model_and_an_api_key(bui
         card = httpx.get(f"{url}/model_card", headers=key, timeout=10)
         assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown")
         assert card.text == (built_project / "reports/model_card.md").read_text()
-        assert card.text.startswith(f"# Model card: `{bento['model_tag']}`")
+        assert card.text.startswith("---\nlibrary_name: t-gm\npipeline_tag: image-classification\n")
+        assert f"\n---\n\n# Model card: `{bento['model_tag']}`" in card.text
         typical = next(
             p
             for p in images
-            if expected(Classifier(built_project / "models/classifier", built_project / "reports/typicality.json"), p)[
+            if expected(Reference(built_project / "models/classifier", built_project / "reports/typicality.json"), p)[
                 "typical"
             ]
         )

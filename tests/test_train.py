@@ -6,7 +6,15 @@ import torch
 from conftest import params_of
 
 from tgm.model import TGM, TGMConfig
-from tgm.train import batch_losses, fit, lr_factor, seed_everything, warp_images
+from tgm.training.data import Split, warp_images
+from tgm.training.device import seed_everything
+from tgm.training.loop import fit
+from tgm.training.objectives import Classify, Generative
+from tgm.training.optim import lr_factor
+
+
+def objective_of(name: str, lambda_gen: float = 0.5):
+    return Classify(lambda_gen) if name == "classify" else Generative()
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -26,6 +34,10 @@ def toy_data(n=64, seed=0):
     return tokens.astype(np.int64), labels.astype(np.int64)
 
 
+def toy_splits() -> tuple[Split, Split]:
+    return Split(*toy_data()), Split(*toy_data(32, seed=1))
+
+
 def train_once(objective):
     seed_everything(0)
     model = TGM(
@@ -34,7 +46,7 @@ def train_once(objective):
         )
     )
     params = params_of("pretrain", augment_shift=0, epochs=6, batch_size=16, lr=0.01, patience=10)
-    history, best = fit(model, toy_data(), toy_data(32, seed=1), params, objective, torch.device("cpu"), lambda_gen=0.5)
+    history, best = fit(model, *toy_splits(), params, objective_of(objective), torch.device("cpu"))
     return model, history, best
 
 
@@ -61,7 +73,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch():
     model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
     # A learning rate this high makes validation loss worse after the first epochs.
     params = params_of("pretrain", augment_shift=0, epochs=30, batch_size=8, lr=0.5, patience=2, warmup_fraction=0.0)
-    history, best = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"))
+    history, best = fit(model, *toy_splits(), params, Classify(), torch.device("cpu"))
     assert len(history) < 30
     assert history[best - 1]["val_cls_loss"] == min(r["val_cls_loss"] for r in history)
 
@@ -72,12 +84,12 @@ def test_unlabelled_images_add_to_the_next_pixel_loss_only():
     tokens, labels = toy_data(8)
     x, y = torch.from_numpy(tokens), torch.from_numpy(labels)
     mixed = torch.cat([y[:4], torch.full((4,), -1)])
-    loss_all, parts_all = batch_losses(model, x, mixed, "classify", lambda_gen=0.5)
-    _, parts_labelled = batch_losses(model, x[:4], y[:4], "classify", lambda_gen=0.5)
+    loss_all, parts_all = Classify(0.5).loss(model, x, mixed)
+    _, parts_labelled = Classify(0.5).loss(model, x[:4], y[:4])
     # The class loss is the labelled images' alone; the next-pixel loss is over all eight.
     assert parts_all["cls_loss"] == pytest.approx(float(parts_labelled["cls_loss"]), rel=1e-5)
     assert parts_all["correct"] == parts_labelled["correct"]
-    _, parts_none = batch_losses(model, x, torch.full((8,), -1), "classify", lambda_gen=0.5)
+    _, parts_none = Classify(0.5).loss(model, x, torch.full((8,), -1))
     assert float(parts_none["cls_loss"]) == 0.0 and torch.isfinite(loss_all)
 
 
@@ -87,13 +99,12 @@ def test_semi_supervised_fit_is_repeatable_and_learns():
         model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
         history, _ = fit(
             model,
-            toy_data(16),
-            toy_data(32, seed=1),
+            Split(*toy_data(16)),
+            Split(*toy_data(32, seed=1)),
             params_of("pretrain", augment_shift=0, epochs=8, batch_size=8, lr=0.01, patience=10),
-            "classify",
+            Classify(0.5),
             torch.device("cpu"),
-            lambda_gen=0.5,
-            unlabelled=toy_data(64, seed=2)[0],
+            pool=toy_data(64, seed=2)[0],
         )
         return model, history
 
@@ -117,7 +128,7 @@ def test_warping_keeps_palette_indices_and_repeats_with_its_seed():
 def test_training_read_from_disk_a_batch_at_a_time_equals_training_in_memory(tmp_path):
     """Streamed token files give the same weights, history and checkpoint fingerprint as in-memory arrays."""
     from tgm.tokens import TokenFile
-    from tgm.train import Checkpointer
+    from tgm.training.checkpoint import fingerprint_of
 
     train, val = toy_data(), toy_data(32, seed=1)
     for name, tokens in (("train", train[0]), ("val", val[0])):
@@ -128,17 +139,17 @@ def test_training_read_from_disk_a_batch_at_a_time_equals_training_in_memory(tmp
     assert np.array_equal(np.concatenate(list(streamed.blocks())), train[0].astype(np.uint8))
     with pytest.raises(IndexError):
         streamed[np.array([64])]
-    assert Checkpointer.fingerprint_of(streamed) == Checkpointer.fingerprint_of(train[0])
+    assert fingerprint_of(streamed) == fingerprint_of(train[0])
 
     def run(data_train, data_val):
         seed_everything(0)
         model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
         params = params_of("finetune", epochs=3, batch_size=16, lr=0.01, augment_shift=1)
-        history, _ = fit(model, data_train, data_val, params, "classify", torch.device("cpu"), lambda_gen=0.5)
+        history, _ = fit(model, data_train, data_val, params, Classify(0.5), torch.device("cpu"))
         return model, history
 
-    a, history_a = run(train, val)
-    b, history_b = run((streamed, train[1]), (TokenFile(tmp_path / "val.npy"), val[1]))
+    a, history_a = run(Split(*train), Split(*val))
+    b, history_b = run(Split(streamed, train[1]), Split(TokenFile(tmp_path / "val.npy"), val[1]))
     assert history_a == history_b
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
@@ -148,7 +159,7 @@ def test_max_steps_stops_training_after_that_many_steps():
     seed_everything(0)
     model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16))
     params = params_of("pretrain", epochs=5, batch_size=16, max_steps=6, patience=10)
-    history, best = fit(model, toy_data(), toy_data(32, seed=1), params, "generative", torch.device("cpu"))
+    history, best = fit(model, *toy_splits(), params, Generative(), torch.device("cpu"))
     # 4 steps per epoch: the second epoch ends after its second step, validated like any other.
     assert [r["epoch"] for r in history] == [1, 2] and 1 <= best <= 2
 
@@ -156,7 +167,7 @@ def test_max_steps_stops_training_after_that_many_steps():
 def test_a_split_held_on_the_device_trains_as_one_read_from_disk(tmp_path, monkeypatch):
     """The GPU's path (splits copied to the device once, batches gathered and augmented there, the unlabelled
     pool drawn there) forced on the CPU: the same history and bit-identical weights as streaming from disk."""
-    import tgm.train
+    import tgm.training.data
     from tgm.tokens import TokenFile
 
     train, val = toy_data(), toy_data(32, seed=1)
@@ -169,21 +180,23 @@ def test_a_split_held_on_the_device_trains_as_one_read_from_disk(tmp_path, monke
         params = params_of("finetune", epochs=3, batch_size=16, lr=0.01, augment_shift=1, augment_rotate=10.0)
         history, _ = fit(
             model,
-            (TokenFile(tmp_path / "train.npy"), train[1]),
-            (TokenFile(tmp_path / "val.npy"), val[1]),
+            Split(TokenFile(tmp_path / "train.npy"), train[1]),
+            Split(TokenFile(tmp_path / "val.npy"), val[1]),
             params,
-            "classify",
+            Classify(0.5),
             torch.device("cpu"),
-            lambda_gen=0.5,
-            unlabelled=toy_data(40, seed=5)[0],
+            pool=toy_data(40, seed=5)[0],
         )
         return model, history
 
     streamed, history_streamed = run()
     held = []
-    real_on_device = tgm.train.on_device
-    monkeypatch.setattr(tgm.train, "_resident", lambda need, device: True)
-    monkeypatch.setattr(tgm.train, "on_device", lambda tokens, device: held.append(1) or real_on_device(tokens, device))
+    real_on_device = tgm.training.data.on_device
+    monkeypatch.setattr(tgm.training.data, "resident", lambda need, device: True)
+    monkeypatch.setattr(tgm.training.loop, "resident", lambda need, device: True)
+    monkeypatch.setattr(
+        tgm.training.data, "on_device", lambda tokens, device: held.append(1) or real_on_device(tokens, device)
+    )
     resident, history_resident = run()
     assert len(held) == 3  # train, the unlabelled pool and val were copied whole
     assert history_resident == history_streamed
@@ -199,7 +212,7 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_keys(tmp_path):
         seed_everything(0)
         model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=2, n_head=2, n_embd=16, n_classes=2))
         params = params_of("finetune", epochs=2, batch_size=24, lr=0.01, precision="fp32", compile=compile_)
-        history, _ = fit(model, toy_data(), toy_data(32, seed=1), params, "classify", torch.device("cpu"), 0.5)
+        history, _ = fit(model, *toy_splits(), params, Classify(0.5), torch.device("cpu"))
         return model, history
 
     eager, history_eager = run(False)

@@ -1,5 +1,6 @@
 """Training at scale and under failure: gradient accumulation, DDP under torchrun, crash-safe resume."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,24 +16,23 @@ from conftest import BIN, merge, params_of
 from safetensors.torch import load_file
 from test_train import toy_data
 
+from tgm.errors import TrainingDiverged
 from tgm.model import TGM, TGMConfig
 from tgm.params import TrainParams
-from tgm.train import Checkpointer, fit, seed_everything, shift_images
+from tgm.training.checkpoint import Checkpoints
+from tgm.training.data import Split, shift_images
+from tgm.training.device import seed_everything
+from tgm.training.loop import fit
+from tgm.training.objectives import Classify, Generative
+
+CPU = torch.device("cpu")
 
 
-def toy_fit(params: TrainParams, checkpointer=None):
+def toy_fit(params: TrainParams, checkpoints=None):
     seed_everything(0)
     model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2))
-    history, _ = fit(
-        model,
-        toy_data(),
-        toy_data(32, seed=1),
-        params,
-        "classify",
-        torch.device("cpu"),
-        lambda_gen=0.5,
-        checkpointer=checkpointer,
-    )
+    train, val = Split(*toy_data()), Split(*toy_data(32, seed=1))
+    history, _ = fit(model, train, val, params, Classify(0.5), CPU, checkpoints=checkpoints)
     return model, history
 
 
@@ -61,15 +61,15 @@ def test_shift_keeps_the_image_and_fills_with_the_corner():
         assert set(s.flatten().tolist()) <= set(tokens.flatten().tolist())  # nothing new but the fill (0)
 
 
-class CrashAfter(Checkpointer):
+class CrashAfter(Checkpoints):
     """Dies like a killed process right after its n-th checkpoint reached the disk."""
 
     def __init__(self, *args, crash_after: int):
-        super().__init__(*args)
+        super().__init__(*args, CPU)
         self.left = crash_after
 
-    def save(self, state):
-        super().save(state)
+    def write(self, state):
+        super().write(state)
         self.left -= 1
         if self.left == 0:
             raise KeyboardInterrupt("simulated crash")
@@ -89,31 +89,102 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
     reference, ref_history = toy_fit(params)
     with pytest.raises(KeyboardInterrupt):
         toy_fit(params, CrashAfter(tmp_path, "fp", 3, crash_after=4))  # mid-epoch 2
-    resumed, history = toy_fit(params, Checkpointer(tmp_path, "fp", 3))
+    resumed, history = toy_fit(params, Checkpoints(tmp_path, "fp", 3, CPU))
     assert history == ref_history
     for (k, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
 
 
-def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):
-    params = params_of("pretrain", augment_shift=0, epochs=1, batch_size=8, lr=0.01, checkpoint_every=2)
-    with pytest.raises(KeyboardInterrupt):
-        toy_fit(params, CrashAfter(tmp_path, "old", 2, crash_after=1))
-    reference, _ = toy_fit(params)
-    fresh, _ = toy_fit(params, Checkpointer(tmp_path, "new", 2))
-    for (k, a), (_, b) in zip(reference.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), k
+def test_a_loss_that_becomes_nan_stops_training_saying_what_to_do():
+    seed_everything(0)
+    model = TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    params = params_of("pretrain", epochs=3, batch_size=16)
+    with pytest.raises(TrainingDiverged, match="validation loss became nan in epoch 1; training diverged, lower"):
+        fit(model, Split(*toy_data()), Split(*toy_data(32, seed=1)), params, Generative(), CPU)
 
 
 # --- real processes on the prepared digits data ---------------------------------------------------------
 
 
-def stage_dir(tmp_path: Path, digits_project: Path, pretrain: dict) -> Path:
+def stage_dir(tmp_path: Path, digits_project: Path, pretrain: dict, stage: str = "pretrain") -> Path:
+    """A folder to run one training stage in: the prepared data (and, for finetune, the pretrained model)."""
     work = tmp_path / "work"
     shutil.copytree(digits_project / "data" / "prepared", work / "data" / "prepared")
-    params = merge(yaml.safe_load((digits_project / "params.yaml").read_text()), {"pretrain": pretrain})
+    if stage == "finetune":
+        shutil.copytree(digits_project / "models" / "pretrained", work / "models" / "pretrained")
+    params = merge(yaml.safe_load((digits_project / "params.yaml").read_text()), {stage: pretrain})
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     return work
+
+
+def killed_after_a_checkpoint(work: Path, cmd: list[str], stage: str = "pretrain") -> None:
+    """Start `cmd` in `work` and kill -9 it, with every process it started, once a checkpoint is on disk."""
+    checkpoint = work / "checkpoints" / stage / "checkpoint.pt"
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # torchrun's workers are its children, in sessions of their own: each is killed, not only the launcher.
+    family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the run ended before writing a checkpoint"
+    out = "pretrained" if stage == "pretrain" else "classifier"
+    assert not (work / "models" / out).exists()  # nothing half-written
+
+
+def outputs_of(work: Path, stage: str) -> tuple[dict, dict]:
+    out = "pretrained" if stage == "pretrain" else "classifier"
+    return (
+        json.loads((work / "metrics" / f"{stage}.json").read_text()),
+        load_file(str(work / "models" / out / "model.safetensors")),
+    )
+
+
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tgm"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, launcher", [("finetune", [str(BIN / "tgm")]), ("pretrain", TORCHRUN)])
+def test_a_killed_stage_resumes_to_the_result_of_a_run_that_never_stopped(tmp_path, digits_project, stage, launcher):
+    """finetune as one process, and pretrain under torchrun with 2 processes (DDP): killed with -9 after a
+    checkpoint, the same command again ends with the metrics and weights of an uninterrupted run."""
+    settings = {"epochs": 4, "batch_size": 16, "checkpoint_every": 5, "precision": "fp32"}
+    steady = stage_dir(tmp_path / "steady", digits_project, settings, stage)
+    crashy = stage_dir(tmp_path / "crashy", digits_project, settings, stage)
+    subprocess.run([*launcher, stage], cwd=steady, env=env(), check=True, capture_output=True, timeout=600)
+    killed_after_a_checkpoint(crashy, [*launcher, stage], stage)
+    again = subprocess.run([*launcher, stage], cwd=crashy, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    (m1, w1), (m2, w2) = outputs_of(steady, stage), outputs_of(crashy, stage)
+    assert m1 == m2
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, digits_project):
+    """A run killed with one learning rate, then started with another: the checkpoint's fingerprint differs,
+    so the second starts afresh and ends exactly as a clean run with the new rate."""
+    settings = {"epochs": 4, "batch_size": 16, "checkpoint_every": 5}
+    crashy = stage_dir(tmp_path / "crashy", digits_project, settings)
+    killed_after_a_checkpoint(crashy, [str(BIN / "tgm"), "pretrain"])
+    changed = {**settings, "lr": 0.002}
+    params = merge(yaml.safe_load((crashy / "params.yaml").read_text()), {"pretrain": changed})
+    (crashy / "params.yaml").write_text(yaml.safe_dump(params))
+    again = subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=crashy, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "belongs to other params or data" in again.stderr and "resuming from" not in again.stderr
+    clean = stage_dir(tmp_path / "clean", digits_project, changed)
+    subprocess.run([str(BIN / "tgm"), "pretrain"], cwd=clean, env=env(), check=True, capture_output=True)
+    (m1, w1), (m2, w2) = outputs_of(clean, "pretrain"), outputs_of(crashy, "pretrain")
+    assert m1 == m2 and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def env() -> dict:
@@ -201,16 +272,16 @@ def test_shifting_a_batch_at_once_equals_shifting_each_image():
         assert torch.equal(shift_images(tokens, k, torch.Generator().manual_seed(k)), expected), k
 
 
-class SlowToWrite(Checkpointer):
+class SlowToWrite(Checkpoints):
     """Keeps the first checkpoint it is given, after taking long enough to write it that training has moved on."""
 
     def __init__(self, *args):
-        super().__init__(*args)
+        super().__init__(*args, CPU)
         self.first = None
 
-    def save(self, state):
+    def write(self, state):
         time.sleep(0.5)
-        super().save(state)
+        super().write(state)
         if self.first is None:
             self.first = {k: v.clone() for k, v in state["model"].items()}
 
@@ -227,11 +298,11 @@ def test_a_checkpoint_written_in_the_background_holds_the_weights_of_its_step(tm
         assert torch.equal(slow.first[k], v), k
 
 
-class FailsToWrite(Checkpointer):
-    def save(self, state):
+class FailsToWrite(Checkpoints):
+    def write(self, state):
         raise OSError(28, "No space left on device")
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_training_with_the_disk_error(tmp_path):
     with pytest.raises(OSError, match="No space left"):
-        toy_fit(params_of("pretrain", epochs=2, batch_size=8, checkpoint_every=3), FailsToWrite(tmp_path, "fp", 3))
+        toy_fit(params_of("pretrain", epochs=2, batch_size=8, checkpoint_every=3), FailsToWrite(tmp_path, "fp", 3, CPU))

@@ -7,7 +7,8 @@ import torch
 
 from tgm.model import TGM, TGMConfig
 from tgm.preprocess import PreprocessSpec
-from tgm.train import LN2, evaluate_split
+from tgm.training.data import Split
+from tgm.training.objectives import LN2, Generative, evaluate_split
 from tgm.typicality import Typicality, auroc, classify_and_score, ood_sets
 
 
@@ -21,7 +22,7 @@ def test_one_forward_pass_gives_the_classes_and_the_split_mean_bits_per_pixel():
     tokens = np.random.default_rng(0).integers(0, 8, (50, 36))
     probs, bpp = classify_and_score(model, tokens, batch_size=16)
     assert probs.shape == (50, 3) and np.allclose(probs.sum(1), 1, atol=1e-5) and bpp.shape == (50,)
-    whole = evaluate_split(model, tokens, None, "generative", 0.0, 16, torch.device("cpu"))
+    whole = evaluate_split(model, Split(tokens), Generative(), 16, torch.device("cpu"))
     assert bpp.mean() == pytest.approx(whole["gen_loss"] / LN2, rel=1e-5)
     # Per image, not per batch: an image's score does not depend on its neighbours.
     assert classify_and_score(model, tokens[7:8])[1][0] == pytest.approx(bpp[7], rel=1e-5)

@@ -1,4 +1,8 @@
-"""`tgm <stage>`: the command line that every DVC stage runs. Each command reads its group of params.yaml."""
+"""`tgm <stage>`: the command line that every DVC stage runs, and `tgm champion`.
+
+Argument parsing, help texts and the version only: what a stage does is tgm/stages.py's table and the stage's
+module, so nothing here is a code dependency of any stage (editing a help text reruns nothing).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,7 @@ import logging
 import sys
 import textwrap
 
-from tgm import __version__
-
-STAGES = {
+HELP = {
     "ingest": (
         "List every file of the data source, with its sha256, in data/raw/manifest.csv.gz.",
         """List every file of the labelled source named by ingest.source and of each unlabelled pool
@@ -107,49 +109,6 @@ STAGES = {
 }
 
 
-# The module each stage's command runs; tests/test_dvc_deps.py checks dvc.yaml declares everything it imports.
-STAGE_MODULES = {
-    "ingest": "tgm.ingest",
-    "validate": "tgm.validate",
-    "prepare": "tgm.prepare",
-    "pretrain": "tgm.train",
-    "finetune": "tgm.train",
-    "probe": "tgm.probe",
-    "study": "tgm.study",
-    "evaluate": "tgm.evaluate",
-    "gate": "tgm.gate",
-    "package": "tgm.package",
-    "promote": "tgm.registry",
-    "drift": "tgm.drift",  # not a DVC stage
-}
-
-
-def run_stage(stage: str, params_path: str, folder: str | None = None) -> None:
-    import importlib
-
-    from tgm.params import load_params
-
-    p = load_params(params_path)
-    if folder is not None:
-        p = p.model_copy(update={"drift": p.drift.model_copy(update={"folder": folder})})
-    module = importlib.import_module(STAGE_MODULES[stage])
-    calls = {
-        "ingest": lambda: module.ingest(p.ingest),
-        "validate": lambda: module.validate(p.validate),
-        "prepare": lambda: module.prepare(p.prepare, base=p.base),
-        "pretrain": lambda: module.pretrain(p.model, p.pretrain, p.base),
-        "finetune": lambda: module.finetune(p.finetune),
-        "probe": lambda: module.probe(p.probe),
-        "study": lambda: module.study(p.study, p.finetune),
-        "evaluate": lambda: module.evaluate(p.evaluate),
-        "gate": lambda: module.gate(p.gate, module.task_for(p.ingest.source, p.gate.task)),
-        "package": lambda: module.package(p),
-        "promote": lambda: module.promote(),
-        "drift": lambda: module.drift(p.drift, max_pixels=p.validate.max_pixels),
-    }
-    calls[stage]()
-
-
 CHAMPION_HELP = """\
 The champion of each task lives in registry/ (see `tgm promote --help`).
 
@@ -161,13 +120,26 @@ promote and rollback record the change in dvc.lock (`dvc commit promote`); then
 `git commit dvc.lock && dvc push && git push` shares it."""
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("tgm")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tgm.stages import STAGES
+
     parser = argparse.ArgumentParser(
         prog="tgm", description="T-GM pipeline stages (each is one DVC stage), and the drift check."
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    for name, (summary, text) in STAGES.items():
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    for name in STAGES:
+        summary, text = HELP[name]
         sp = sub.add_parser(name, help=summary, description=textwrap.dedent("        " + text).strip())
         sp.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
         sp.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -199,14 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.stage == "champion":
-            import importlib
+            from tgm.registry import champion_command
 
-            # Imported by name, like the stages' modules: no stage's command runs the registry's, so no stage
-            # depends on it through cli.py (tests/test_dvc_deps.py reads static imports).
-            registry = importlib.import_module("tgm.registry")
-            print(registry.champion_command(args.action, args.model, args.task))
+            print(champion_command(args.action, args.model, args.task))
         else:
-            run_stage(args.stage, args.params, getattr(args, "folder", None))
+            from tgm.stages import run
+
+            folder = getattr(args, "folder", None)
+            run(args.stage, args.params, overrides={"drift.folder": folder} if folder else None)
     except UserError as exc:
         print(f"tgm {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code

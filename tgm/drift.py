@@ -98,12 +98,13 @@ def judge(params: DriftParams, typ: Typicality, bpp: np.ndarray) -> dict:
 
 def drift(
     params: DriftParams,
+    *,
     max_pixels: int,
-    classifier_dir: str | Path = "models/classifier",
-    typicality_path: str | Path = "reports/typicality.json",
-    report_path: str | Path = "reports/drift.json",
-    scores_path: str | Path = "reports/drift_scores.csv",
-    docs_dir: str | Path | None = "reports/drift_docs",
+    classifier_dir: str | Path,
+    typicality_path: str | Path,
+    report_path: str | Path,
+    scores_path: str | Path,
+    docs_dir: str | Path | None,
 ) -> dict:
     from tgm.expectations import GXRunner
     from tgm.model import load_config, load_model

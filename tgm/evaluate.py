@@ -12,12 +12,13 @@ import torch
 from tgm.errors import EmptySplit
 from tgm.inference import predict_proba
 from tgm.io import read_json, write_json
-from tgm.live import log_evaluation
 from tgm.model import TGM, load_model
 from tgm.params import EvaluateParams
 from tgm.prepare import load_split
 from tgm.preprocess import PreprocessSpec, completion_tiles, pixel_features
-from tgm.train import LN2, evaluate_split, seed_everything
+from tgm.training.data import Split
+from tgm.training.device import seed_everything
+from tgm.training.objectives import LN2, Classify, Generative, evaluate_split
 from tgm.typicality import ood_report
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def completion_grid(
     spec: PreprocessSpec,
     tokens: np.ndarray,
     labels: np.ndarray,
+    *,
     classes: list[str],
     params: EvaluateParams,
     path: Path,
@@ -88,14 +90,14 @@ def completion_grid(
 
 def evaluate(
     params: EvaluateParams,
-    prepared_dir: str | Path = "data/prepared",
-    classifier_dir: str | Path = "models/classifier",
-    pretrained_dir: str | Path = "models/pretrained",
-    metrics_path: str | Path = "metrics/evaluate.json",
-    confusion_path: str | Path = "plots/confusion.csv",
-    completions_path: str | Path = "plots/completions.png",
-    typicality_path: str | Path = "reports/typicality.json",
-    live_dir: str | Path = "dvclive/evaluate",
+    *,
+    prepared_dir: str | Path,
+    classifier_dir: str | Path,
+    pretrained_dir: str | Path,
+    metrics_path: str | Path,
+    confusion_path: str | Path,
+    completions_path: str | Path,
+    typicality_path: str | Path,
 ) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
@@ -117,10 +119,10 @@ def evaluate(
             float(f1_score(labels, pred, labels=range(len(classes)), average="macro", zero_division=0)), 6
         ),
         "test_bpp": round(
-            evaluate_split(pretrained, tokens, None, "generative", 0.0, 256, torch.device("cpu"))["gen_loss"] / LN2, 6
+            evaluate_split(pretrained, Split(tokens), Generative(), 256, torch.device("cpu"))["gen_loss"] / LN2, 6
         ),
         "classifier_test_bpp": round(
-            evaluate_split(classifier, tokens, labels, "classify", 0.0, 256, torch.device("cpu"))["bpp"], 6
+            evaluate_split(classifier, Split(tokens, labels), Classify(), 256, torch.device("cpu"))["bpp"], 6
         ),
         "per_class_recall": {c: round(float(r), 6) for c, r in zip(classes, recall)},
         "test_images": int(len(labels)),
@@ -129,15 +131,14 @@ def evaluate(
         metrics["reference"] = {"svm_rbf_accuracy": round(svm_reference(prepared_dir, spec), 6)}
     val_tokens = load_split(prepared_dir, "val")[0]
     typicality, metrics["typicality"] = ood_report(
-        classifier, spec, val_tokens, tokens, params.typicality_quantile, params.ood_images, params.seed
+        classifier, spec, val_tokens, tokens, quantile=params.typicality_quantile, n=params.ood_images, seed=params.seed
     )
     typicality.save(typicality_path)
 
     Path(confusion_path).parent.mkdir(parents=True, exist_ok=True)
     actual, predicted = [classes[i] for i in labels], [classes[i] for i in pred]
     pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(confusion_path, index=False)
-    completion_grid(pretrained, spec, tokens, labels, classes, params, Path(completions_path))
-    log_evaluation(live_dir, actual, predicted, completions_path)
+    completion_grid(pretrained, spec, tokens, labels, classes=classes, params=params, path=Path(completions_path))
     write_json(metrics_path, metrics)
     svm = f", RBF SVM {metrics['reference']['svm_rbf_accuracy']:.4f}" if params.svm_reference else ""
     log.info("evaluate: accuracy %.4f, macro-F1 %.4f%s", metrics["accuracy"], metrics["macro_f1"], svm)

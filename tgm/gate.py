@@ -19,7 +19,7 @@ from pathlib import Path
 from tgm.errors import UserError
 from tgm.io import read_json, write_json
 from tgm.params import GateParams
-from tgm.registry import REGISTRY, Registry, Task, task_for  # noqa: F401  (task_for: `tgm gate`)
+from tgm.registry import REGISTRY, Registry, Task, task_for
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def find_champion(task: Task, registry: str | Path = REGISTRY) -> Champion | Non
     return Champion(entry["model"], dict(entry["metrics"]), entry.get("promoted_at"), entry.get("promoted_by"))
 
 
-def _pretrained(classifier_dir: str | Path) -> dict | None:
-    path = Path(classifier_dir) / "provenance.json"
-    return read_json(path).get("pretrained") if path.exists() else None
+def _pretrained(classifier_dir: str | Path | None) -> dict | None:
+    path = Path(classifier_dir or ".") / "provenance.json"
+    return read_json(path).get("pretrained") if classifier_dir and path.exists() else None
 
 
 def gate_checks(params: GateParams, metrics: dict, champion: Champion | None = None) -> list[Check]:
@@ -93,11 +93,26 @@ def gate_checks(params: GateParams, metrics: dict, champion: Champion | None = N
 
 def gate(
     params: GateParams,
+    *,
+    source: str,
+    metrics_path: str | Path,
+    report_path: str | Path,
+    registry: str | Path,
+    classifier_dir: str | Path,
+) -> dict:
+    """The `gate` stage: the classifier's task is its data source (ingest.source) and class names, or
+    gate.task; then `judge`."""
+    task = task_for(source, params.task, classifier_dir)
+    return judge(params, task, metrics_path, report_path, registry, classifier_dir)
+
+
+def judge(
+    params: GateParams,
     task: Task,
-    metrics_path: str | Path = "metrics/evaluate.json",
-    report_path: str | Path = "reports/gate.json",
-    registry: str | Path = REGISTRY,
-    classifier_dir: str | Path = "models/classifier",
+    metrics_path: str | Path,
+    report_path: str | Path,
+    registry: str | Path,
+    classifier_dir: str | Path | None = None,
 ) -> dict:
     """Check the metrics against the floors and, unless gate.max_regression is null, `task`'s champion."""
     champion = find_champion(task, registry) if params.max_regression is not None else None

@@ -429,7 +429,7 @@ def list_sources(params: IngestParams) -> Listing:
     return listing
 
 
-def ingest(params: IngestParams, out_dir: str | Path = "data/raw") -> pd.DataFrame:
+def ingest(params: IngestParams, out_dir: str | Path) -> pd.DataFrame:
     """List the source's and the pools' files in `out_dir/manifest.csv.gz` (writing built-in images there)."""
     listing = list_sources(params)
     out_dir = Path(out_dir)

@@ -94,10 +94,3 @@ class LiveCurves:
             if row.get(key) is not None and math.isfinite(row[key]):
                 self.live.log_metric(name, row[key])
         self.live.make_summary()
-
-
-def log_evaluation(directory: str | Path, actual: list[str], predicted: list[str], completions: str | Path) -> None:
-    """evaluate's confusion matrix and completion grid, through dvclive (dvc.yaml declares how to draw them)."""
-    live = _open(directory, resume=False)
-    live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion_matrix.json")
-    live.log_image("completions.png", str(completions))

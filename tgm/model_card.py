@@ -167,6 +167,34 @@ def _limits(meta: dict, metrics: dict, confusion_csv: str | Path) -> list[str]:
     return lines
 
 
+def hub_metadata(model: str, task: dict, meta: dict, metrics: dict) -> str:
+    """The YAML block a Hugging Face model card starts with: what the model does and how it scored."""
+    results = [
+        {"type": "accuracy", "value": metrics["accuracy"], "name": "Test accuracy"},
+        {"type": "f1", "value": metrics["macro_f1"], "name": "Test macro-F1", "args": {"average": "macro"}},
+    ]
+    block = {
+        "library_name": "t-gm",
+        "pipeline_tag": "image-classification",
+        "tags": ["t-gm", "image-gpt", "generative-pretraining", f"{meta['color_mode']}-images"],
+        "datasets": [task["source"]],
+        "metrics": ["accuracy", "f1"],
+        "model-index": [
+            {
+                "name": model,
+                "results": [
+                    {
+                        "task": {"type": "image-classification", "name": "Image Classification"},
+                        "dataset": {"name": task["source"], "type": task["source"], "split": "test"},
+                        "metrics": results,
+                    }
+                ],
+            }
+        ],
+    }
+    return "---\n" + yaml.safe_dump(block, sort_keys=False) + "---"
+
+
 def model_card(
     model: str,
     task: dict,
@@ -174,6 +202,7 @@ def model_card(
     git_commit: str,
     data_hash: str,
     gate: dict,
+    *,
     prepared_dir: str | Path = "data/prepared",
     metrics_path: str | Path = "metrics/evaluate.json",
     study_path: str | Path = "metrics/study.json",
@@ -193,6 +222,7 @@ def model_card(
     )
     shown = {group: params[group] for group in CARD_PARAMS if group in params}
     sections = [
+        [hub_metadata(model, task, meta, metrics)],
         [f"# Model card: `{model}`"],
         _intended_use(meta, task, model),
         _training_data(meta, validation, data_hash),

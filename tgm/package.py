@@ -18,12 +18,12 @@ from pathlib import Path
 import yaml
 
 from tgm.errors import UserError
+from tgm.git import git_commit
 from tgm.io import atomic_dir, read_json, write_json, write_text
 from tgm.model_card import FILE as CARD_FILE
 from tgm.model_card import model_card
-from tgm.params import Params
-from tgm.registry import git_commit
-from tgm.store import BENTO_FILE, MODEL_FILE, PACKAGED
+from tgm.params import Group, PackageParams
+from tgm.store import BENTO_FILE, MODEL_FILE
 from tgm.typicality import FILE as TYPICALITY_FILE
 from tgm.typicality import Typicality
 
@@ -77,29 +77,45 @@ def _build_bento(model_tag: str, version: str, out: Path) -> str:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    name = yaml.safe_load(Path("bentofile.yaml").read_text())["name"]
+    from tgm.bento_env import pinned_requirements
+
+    config = yaml.safe_load(Path("bentofile.yaml").read_text())
     try:
-        bentoml.bentos.delete(f"{name}:{version}")
+        bentoml.bentos.delete(f"{config['name']}:{version}")
     except NotFound:
         pass
+    # The tested environment, not today's resolution of bentofile.yaml's names: their closure as constraints.txt
+    # pins it, in a bentofile of this build's own.
+    names = config["python"].pop("packages")
+    build = Path("build")
+    build.mkdir(exist_ok=True)
+    (build / "bento-requirements.txt").write_text(pinned_requirements(names))
+    config["python"].update(requirements_txt="build/bento-requirements.txt", lock_packages=False)
+    (build / "bentofile.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # Pin the Bento to the model version just saved, not whatever is "latest" when it is served: a Bento
     # argument is stored in bento.yaml and restored before the service is imported at serve time.
-    bento = bentoml.bentos.build_bentofile("bentofile.yaml", build_ctx=".", version=version, args={"model": model_tag})
+    bento = bentoml.bentos.build_bentofile(
+        str(build / "bentofile.yaml"), build_ctx=".", version=version, args={"model": model_tag}
+    )
     bentoml.bentos.export_bento(bento.tag, str(out.resolve()))
     return str(bento.tag)
 
 
 def package(
-    params: Params,
-    classifier_dir: str | Path = "models/classifier",
-    gate_report: str | Path = "reports/gate.json",
-    report_path: str | Path = "reports/package.json",
-    typicality_path: str | Path = "reports/typicality.json",
-    card_path: str | Path = "reports/model_card.md",
-    out_dir: str | Path = PACKAGED,
+    params: PackageParams,
+    *,
+    classifier_dir: str | Path,
+    gate_report: str | Path,
+    typicality_path: str | Path,
+    out_dir: str | Path,
+    report_path: str | Path,
+    card_path: str | Path,
+    **shaped_by: Group,
 ) -> dict:
+    """`shaped_by`: the params groups that made the model (tgm/stages.py), recorded in its metadata and card."""
     import bentoml
 
+    recorded = {name: group.model_dump() for name, group in shaped_by.items()} | {"package": params.model_dump()}
     report = read_json(gate_report)
     if not report.get("passed"):
         raise UserError(f"package: {gate_report} says the gate failed; refusing to package")
@@ -109,7 +125,7 @@ def package(
     metadata = {
         "task": report["task"],
         "metrics": read_json("metrics/evaluate.json"),
-        "params": _without_nulls(params.model_dump()),
+        "params": _without_nulls(recorded),
         "git_commit": commit,
         "data_hash": data_hash,
         "classes": config["classes"],
@@ -119,8 +135,8 @@ def package(
     }
     labels = {"project": "t-gm", "gate": "passed", "task": report["task"]["id"]}
     version = model_version(classifier_dir, typicality_path, metadata)
-    tag = f"{params.package.model_name}:{version}"
-    card = model_card(tag, report["task"], params.model_dump(), commit, data_hash, report)
+    tag = f"{params.model_name}:{version}"
+    card = model_card(tag, report["task"], recorded, commit, data_hash, report)
     # The service's typical range of bits per pixel, calibrated by evaluate on the validation split, travels
     # inside the model beside the weights.
     calibration = Path(tempfile.mkdtemp()) / TYPICALITY_FILE
@@ -133,7 +149,7 @@ def package(
     result = {"model_tag": tag, "bento_tag": None}
     with atomic_dir(out_dir) as tmp:
         bentoml.models.export_model(tag, str((tmp / MODEL_FILE).resolve()))
-        if params.package.build_bento:
+        if params.build_bento:
             result["bento_tag"] = _build_bento(tag, version, tmp / BENTO_FILE)
             log.info("package: built Bento %s", result["bento_tag"])
     write_text(card_path, card)

@@ -184,6 +184,9 @@ class StudyParams(Group):
     subsets, each selecting its settings on a held-out part of its subset only."""
 
     fractions: tuple[Annotated[float, Strict(), Field(gt=0, le=1)], ...] = Field(min_length=1)
+    per_class: tuple[Annotated[int, Strict(), Field(ge=2)], ...] = Field(
+        description="labelled images per class of each subset, instead of study.fractions (empty: fractions)"
+    )
     subsets: Int = Field(ge=1, description="label subsets per share (seeds seed, seed+1, ...)")
     folds: Int = Field(ge=1, description="selection inside each subset: 1 = one holdout, k >= 2 = k-fold")
     holdout: Float = Field(gt=0, lt=1, description="with folds 1: share of each subset held out for selection")
@@ -197,6 +200,10 @@ class StudyParams(Group):
     svm_C: PositiveGrid = Field(min_length=1)
     svm_gamma_scale: PositiveGrid = Field(min_length=1, description="multiples of scikit-learn's gamma='scale'")
     knn_k: tuple[Annotated[int, Strict(), Field(ge=1)], ...] = Field(min_length=1)
+    labelled_only_steps: Int = Field(
+        ge=0, description="> 0: the arm pretrained on its labelled subset's pixels alone, for this many steps"
+    )
+    labelled_only_lr: Float = Field(gt=0, lt=1, description="... at this learning rate")
     seed: Int
 
 
@@ -297,6 +304,17 @@ def replace(group: G, name: str = "params", **changes: Any) -> G:
         raise ParamsError(_describe(exc)) from None
     new.cross_check(name)
     return new
+
+
+def override(params: Params, pairs: dict[str, Any]) -> Params:
+    """`params` with the dotted keys of `pairs` set (`drift.folder` ...), checked like params.yaml."""
+    groups: dict[str, dict] = {}
+    for dotted, value in pairs.items():
+        group, _, key = dotted.partition(".")
+        groups.setdefault(group, {})[key] = value
+    return params.model_copy(
+        update={g: replace(getattr(params, g), name=g, **changes) for g, changes in groups.items()}
+    )
 
 
 def _describe(exc: ValidationError) -> str:

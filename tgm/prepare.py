@@ -187,7 +187,7 @@ def fit_spec(pixels: np.ndarray, is_train: np.ndarray, color_mode: str, params: 
 
 
 def write_prepared(
-    out_dir, table: pd.DataFrame, tokens, labels, spec: PreprocessSpec, classes: list, pool, source: str
+    out_dir, table: pd.DataFrame, tokens, labels, spec: PreprocessSpec, *, classes: list, pool, source: str
 ) -> dict:
     """The token arrays per split, the palette, splits.csv.gz and meta.json, all or nothing; and, when there
     are any, the pool's table and tokens and the images set aside. `pool`: (pooled table, its tokens, the
@@ -234,9 +234,9 @@ SET_ASIDE = "set_aside.csv"
 
 def prepare(
     params: PrepareParams,
-    validated_dir: str | Path = "data/validated",
-    raw_dir: str | Path = "data/raw",
-    out_dir: str | Path = "data/prepared",
+    validated_dir: str | Path,
+    raw_dir: str | Path,
+    out_dir: str | Path,
     *,
     base: BaseParams | None = None,
 ) -> dict:
@@ -267,7 +267,7 @@ def prepare(
     source = (
         read_json(Path(raw_dir) / "source.json").get("source", "") if (Path(raw_dir) / "source.json").exists() else ""
     )
-    meta = write_prepared(out_dir, table, tokens[: len(table)], labels, spec, classes, pool, source)
+    meta = write_prepared(out_dir, table, tokens[: len(table)], labels, spec, classes=classes, pool=pool, source=source)
     size = f"{params.image_size}x{params.image_size}"
     log.info("prepare: %s, %s palette of %d, splits %s", size, color_mode, spec.palette_size, meta["split_sizes"])
     if "pool_images" in meta:

@@ -59,10 +59,10 @@ def probe_accuracies(features: dict[str, np.ndarray], labels: dict[str, np.ndarr
 
 def probe(
     params: ProbeParams,
-    prepared_dir: str | Path = "data/prepared",
-    pretrained_dir: str | Path = "models/pretrained",
-    metrics_path: str | Path = "metrics/probe.json",
-    plot_path: str | Path = "plots/probe.csv",
+    prepared_dir: str | Path,
+    pretrained_dir: str | Path,
+    metrics_path: str | Path,
+    plot_path: str | Path,
 ) -> dict:
     from tgm.prepare import check_prepared, load_split
 

@@ -9,7 +9,7 @@ DVC starts anything.
 
 from __future__ import annotations
 
-import shlex
+import json
 import sys
 from pathlib import Path
 
@@ -40,11 +40,15 @@ def apply(profile: str | Path, params_path: str | Path = "params.yaml") -> Param
 
 def dvc_arguments(profile: str | Path, params_path: str | Path = "params.yaml") -> list[str]:
     apply(profile, params_path)
-    return [
-        arg
-        for name, value in overrides(profile).items()
-        for arg in ("-S", f"{name}={yaml.safe_dump(value).strip().removesuffix('...').strip()}")
-    ]
+    return [arg for name, value in overrides(profile).items() for arg in ("-S", f"{name}={as_value(value)}")]
+
+
+def as_value(value) -> str:
+    """A value as `dvc exp run -S` reads it (YAML), in one word: a list as [10,100], so that a shell splitting
+    the arguments on spaces (the Makefile's $$args) keeps it whole."""
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return yaml.safe_dump(value).strip().removesuffix("...").strip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         sys.exit("usage: python -m tgm.profiles profiles/NAME.yaml")
     try:
-        print(shlex.join(dvc_arguments(argv[0])))
+        args = dvc_arguments(argv[0])
+        # Printed for the shell to split on spaces ($$args in the Makefile), so no argument may hold one.
+        if any(" " in a or "'" in a for a in args):
+            raise UserError(f"{argv[0]}: a value with a space or a quote cannot pass through `make`: {args}")
+        print(" ".join(args))
     except (UserError, OSError) as exc:
         sys.exit(f"tgm.profiles: error: {exc}")
 

@@ -26,8 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tgm.errors import UserError
+from tgm.git import git_commit
 from tgm.io import read_json, write_json
-from tgm.store import MODEL_FILE, PACKAGED, ensure_model, find_model, packaged_model
+from tgm.store import MODEL_FILE, ensure_model, find_model, packaged_model
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +84,6 @@ def who() -> str:
     try:
         return getpass.getuser()
     except (OSError, KeyError):
-        return "unknown"
-
-
-def git_commit() -> str:
-    """HEAD's commit, with "-dirty" when tracked files differ from it; "unknown" outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        ).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
@@ -205,11 +194,12 @@ def served_model(root: str | Path = REGISTRY, task_id: str | None = None) -> str
 
 
 def promote(
-    package_report: str | Path = "reports/package.json",
-    gate_report: str | Path = "reports/gate.json",
-    metrics_path: str | Path = "metrics/evaluate.json",
-    root: str | Path = REGISTRY,
-    packaged_file: str | Path = PACKAGED / MODEL_FILE,
+    *,
+    packaged_dir: str | Path,
+    package_report: str | Path,
+    gate_report: str | Path,
+    metrics_path: str | Path,
+    root: str | Path,
 ) -> dict:
     """The `promote` stage: the model `package` just saved, which passed the gate, becomes its task's champion."""
     gate = read_json(gate_report)
@@ -217,7 +207,7 @@ def promote(
         raise RegistryError(f"promote: {gate_report} says the gate failed; refusing to promote")
     # The task the gate judged the model for (and compared it within): the same task it is promoted in.
     task = Task.from_dict(gate["task"])
-    tag = ensure_model(read_json(package_report)["model_tag"], packaged_file)
+    tag = ensure_model(read_json(package_report)["model_tag"], Path(packaged_dir) / MODEL_FILE)
     return Registry(root).promote(tag, task, read_json(metrics_path), "pipeline")
 
 

@@ -61,10 +61,14 @@ def _model_to_serve() -> str:
     chosen = getattr(bentoml.use_arguments(), "model", None) or os.environ.get("TGM_MODEL")
     if chosen:
         return chosen
-    from tgm.registry import REGISTRY, served_model
+    from tgm.registry import REGISTRY, Registry, served_model
 
     registry = Path(os.environ.get("TGM_REGISTRY", REGISTRY))
-    return served_model(registry, os.environ.get("TGM_TASK") or None) or "tgm-classifier:latest"
+    task = os.environ.get("TGM_TASK") or None
+    if task is not None and Registry(registry).champion(task) is None:
+        known = ", ".join(Registry(registry).tasks()) or "none"
+        raise SystemExit(f"TGM_TASK={task!r} has no champion in {registry} (tasks: {known})")
+    return served_model(registry, task) or "tgm-classifier:latest"
 
 
 MODEL = _model_to_serve()

@@ -2,8 +2,9 @@
 
 The protocol, enforced here and written down in the README:
 
-- Labelled subsets. For each share of the training labels in study.fractions and each of study.subsets seeds,
-  a stratified subset L of the training split: round(fraction x class size) images per class, at least two
+- Labelled subsets. For each share of the training labels in study.fractions (or each count in
+  study.per_class) and each of study.subsets seeds, a stratified subset L of the training split:
+  round(fraction x class size) images per class (or that count), at least two
   (one to fit, one to select; k with k folds). The other training images stay unlabelled pixels. No arm ever
   sees a label outside L; validation labels are not used at all; test images are scored once per arm and subset.
 - One rule of model selection for every arm. L is split, stratified and seeded, into fit and selection
@@ -20,7 +21,9 @@ The protocol, enforced here and written down in the README:
   larger budget (study.scratch_steps): a transformer trained from nothing needs more steps to fit even a
   small subset, and its training accuracy is reported to show whether it did. probe: logistic
   regression on the pretrained model's grid-pooled features of each layer and of all layers concatenated,
-  over study.probe_C. tgm: whichever of finetune and probe scored better on the selection part (ties: the
+  over study.probe_C. labelled_only (study.labelled_only_steps > 0): the same architecture pretrained on L's
+  pixels alone (labels unused) for that many steps, then fine-tuned like the finetune arm -- what the
+  unlabelled images are worth. tgm: whichever of finetune and probe scored better on the selection part (ties: the
   probe, the cheaper one) -- what a user with only L would deploy. Pixel baselines on the same quantised
   pixels: logistic regression (C), an RBF SVM (C x gamma) and kNN (k).
 - With study.unlabelled, both neural arms also take the next-pixel loss on the unlabelled training images
@@ -52,19 +55,22 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-NEURAL = ("finetune", "scratch")
+NEURAL = ("finetune", "scratch", "labelled_only")
 PIXEL = ("logreg", "svm_rbf", "knn")
-ARMS = ("tgm", "finetune", "probe", "scratch", *PIXEL)
+ARMS = ("tgm", "finetune", "probe", "scratch", "labelled_only", *PIXEL)
 
 
-def label_subset(labels: np.ndarray, fraction: float, seed: int, min_per_class: int = 1) -> np.ndarray:
-    """Indices of a stratified share of the images: round(fraction x class size) per class, at least
-    min_per_class (or the whole class when it is smaller)."""
+def label_subset(
+    labels: np.ndarray, fraction: float | None, seed: int, min_per_class: int = 1, per_class: int | None = None
+) -> np.ndarray:
+    """Indices of a stratified share of the images: round(fraction x class size) per class (or per_class), at
+    least min_per_class (or the whole class when it is smaller)."""
     rng = np.random.default_rng(seed)
     picks = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        k = min(len(members), max(min_per_class, round(fraction * len(members))))
+        wanted = per_class if per_class is not None else round(fraction * len(members))
+        k = min(len(members), max(min_per_class, wanted))
         picks.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(picks))
 
@@ -167,41 +173,42 @@ class LayerProbe:
         return self.model.score(self._pick(features), y)
 
 
-def train_neural(model, x, y, params: FinetuneParams, epochs: int, unlabelled, selection, device):
+def train_neural(model, x, y, params: FinetuneParams, *, epochs: int, unlabelled, selection, device):
     """Fine-tune `model` in place for `epochs` epochs; with a selection set, return its per-epoch history."""
-    from tgm.train import fit
+    from tgm.training.data import Split
+    from tgm.training.loop import fit
+    from tgm.training.objectives import Classify
 
     # The study sets its own budget (study.steps): none of finetune's stopping rules apply to its fits.
     budget = params.model_copy(
         update={"epochs": epochs, "patience": epochs + 1, "checkpoint_every": 0, "max_steps": None}
     )
-    train_log = logging.getLogger("tgm.train")
+    train_log = logging.getLogger("tgm.training.loop")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # dozens of short runs: one line per run below, not one per epoch
     try:
         history, _ = fit(
             model.to(device),
-            (x, y),
-            selection,
+            Split(x, y),
+            None if selection is None else Split(*selection),
             budget,
-            "classify",
+            Classify(params.lambda_gen),
             device,
-            lambda_gen=params.lambda_gen,
             restore_best=False,
-            unlabelled=unlabelled,
+            pool=unlabelled,
         )
     finally:
         train_log.setLevel(level)
     return history
 
 
-def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, unlabelled, device) -> dict:
+def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, *, steps: int, unlabelled, device) -> dict:
     """The selection rule for a neural arm: for each learning rate, on each fit part, one run of about `steps`
     steps scored on its selection part after every epoch; the (lr, epochs) with the best mean selection
     accuracy (ties: lower mean selection loss, then fewer epochs, then the first lr) is trained again on all
     of the subset."""
     from tgm.inference import predict_proba
-    from tgm.train import seed_everything
+    from tgm.training.device import seed_everything
 
     n_fit = np.mean([len(s["fit"][1]) for s in data["splits"]])
     epochs = max(1, math.ceil(steps / math.ceil(n_fit / params.batch_size)))
@@ -215,10 +222,10 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
                     make_model(),
                     *split["fit"],
                     params.model_copy(update={"lr": lr}),
-                    epochs,
-                    unlabelled,
-                    split["select"],
-                    device,
+                    epochs=epochs,
+                    unlabelled=unlabelled,
+                    selection=split["select"],
+                    device=device,
                 )
             )
         for e in range(epochs):
@@ -230,7 +237,10 @@ def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, steps: int, 
     seed_everything(params.seed)
     model = make_model()
     x_all, y_all = data["all"]
-    train_neural(model, x_all, y_all, params.model_copy(update={"lr": lr}), chosen_epochs, unlabelled, None, device)
+    recipe = params.model_copy(update={"lr": lr})
+    train_neural(
+        model, x_all, y_all, recipe, epochs=chosen_epochs, unlabelled=unlabelled, selection=None, device=device
+    )
     model = model.cpu()
 
     def accuracy(x, y):
@@ -274,7 +284,7 @@ class StudyInputs:
         from tgm.prepare import check_prepared, load_pool, load_split
         from tgm.preprocess import PreprocessSpec, pixel_features
         from tgm.probe import pooled_features
-        from tgm.train import resolve_device
+        from tgm.training.device import resolve_device
 
         n_classes = len(check_prepared(prepared_dir)["classes"])
         spec = PreprocessSpec.load(prepared_dir)
@@ -300,6 +310,35 @@ class StudyInputs:
         cfg = load_model(self.pretrained_dir).cfg
         return TGM(dataclasses.replace(cfg, n_classes=self.n_classes, cls_grid=self.grid))
 
+    def pretrained_on(self, tokens: np.ndarray, params: StudyParams, recipe: FinetuneParams):
+        """A maker of copies of the architecture pretrained, next-pixel only, on `tokens` alone (a labelled
+        subset's pixels, labels unused) for study.labelled_only_steps steps, each with a fresh class head."""
+        from tgm.model import TGM
+        from tgm.training.data import Split
+        from tgm.training.device import seed_everything
+        from tgm.training.loop import fit
+        from tgm.training.objectives import Generative
+
+        seed_everything(params.seed)
+        base = self.scratch_model()
+        base.cfg.n_classes, base.cls_head = 0, None
+        steps = params.labelled_only_steps
+        epochs = math.ceil(steps / math.ceil(len(tokens) / recipe.batch_size))
+        budget = recipe.model_copy(
+            update={"lr": params.labelled_only_lr, "epochs": epochs, "max_steps": steps, "checkpoint_every": 0,
+                    "patience": epochs + 1}
+        )  # fmt: skip
+        fit(base.to(self.device), Split(tokens, np.zeros(len(tokens), np.int64)), None, budget, Generative(),
+            self.device, restore_best=False)  # fmt: skip
+        weights = {k: v.cpu() for k, v in base.state_dict().items()}
+
+        def make():
+            model = TGM(dataclasses.replace(base.cfg, n_classes=self.n_classes, cls_grid=self.grid))
+            model.load_state_dict(weights, strict=False)
+            return model
+
+        return make
+
 
 def subset_views(inputs: StudyInputs, idx: np.ndarray, folds: list[dict], source, test_x, pick=None) -> dict:
     """The subset's folds, the whole subset and the test split, from one view of the images."""
@@ -315,11 +354,14 @@ def subset_views(inputs: StudyInputs, idx: np.ndarray, folds: list[dict], source
     }
 
 
-def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: FinetuneParams, fraction, subset) -> list:
-    """Every arm on one labelled subset, each selecting inside it; one table row per arm."""
+def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: FinetuneParams, share, subset) -> list:
+    """Every arm on one labelled subset, each selecting inside it; one table row per arm. `share`: a fraction of
+    the training labels, or ("per_class", n)."""
     train = inputs.train
     seed = params.seed + subset
-    idx = label_subset(train[1], fraction, seed, min_per_class=max(2, params.folds))
+    per_class = share[1] if isinstance(share, tuple) else None
+    fraction = None if per_class else share
+    idx = label_subset(train[1], fraction, seed, min_per_class=max(2, params.folds), per_class=per_class)
     folds = [
         {"fit": idx[f], "select": idx[s]} for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)
     ]
@@ -329,14 +371,23 @@ def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: Finetu
         if inputs.pool is not None:
             unlabelled = np.concatenate([unlabelled, inputs.pool])
     results = {}
-    for arm, make, lrs, steps in (
+    neural = [
         ("finetune", inputs.pretrained_model, params.finetune_lrs, params.steps),
         ("scratch", inputs.scratch_model, params.scratch_lrs, params.scratch_steps),
-    ):
+    ]
+    if params.labelled_only_steps:
+        t0 = time.perf_counter()
+        own = inputs.pretrained_on(train[0][idx], params, finetune_params)
+        log.info("study: labelled_only pretraining on %d images: %.1fs", len(idx), time.perf_counter() - t0)
+        neural.append(("labelled_only", own, params.finetune_lrs, params.steps))
+    named = f"{per_class} per class" if per_class else f"{fraction:g} of the labels"
+    for arm, make, lrs, steps in neural:
         t0 = time.perf_counter()
         views = subset_views(inputs, idx, folds, train[0], inputs.test[0])
-        results[arm] = neural_arm(make, lrs, views, finetune_params, steps, unlabelled, inputs.device)
-        log.info("study: %s, %g of the labels, subset %d: %.1fs", arm, fraction, subset, time.perf_counter() - t0)
+        results[arm] = neural_arm(
+            make, lrs, views, finetune_params, steps=steps, unlabelled=unlabelled, device=inputs.device
+        )
+        log.info("study: %s, %s, subset %d: %.1fs", arm, named, subset, time.perf_counter() - t0)
     features = inputs.features
     layers = list(range(1, features["train"].shape[0])) + ["all"]
     results["probe"] = sklearn_arm(
@@ -351,15 +402,15 @@ def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: Finetu
     picked = "finetune" if results["finetune"]["select"] > results["probe"]["select"] else "probe"
     results["tgm"] = {**results[picked], "choice": picked}
     log.info(
-        "study: %g of the labels (%d images), subset %d: %s",
-        fraction,
+        "study: %s (%d images), subset %d: %s",
+        named,
         len(idx),
         subset,
-        "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS),
+        "  ".join(f"{a} {results[a]['test']:.4f}" for a in ARMS if a in results),
     )
     return [
         {
-            "fraction": fraction,
+            **({"per_class": per_class} if per_class else {"fraction": fraction}),
             "labelled": len(idx),
             "subset": subset,
             "arm": arm,
@@ -374,19 +425,21 @@ def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: Finetu
 
 def study(
     params: StudyParams,
-    finetune_params: FinetuneParams,
-    prepared_dir: str | Path = "data/prepared",
-    pretrained_dir: str | Path = "models/pretrained",
-    metrics_path: str | Path = "metrics/study.json",
-    table_path: str | Path = "plots/label_efficiency.csv",
-    plot_path: str | Path = "plots/label_efficiency.png",
+    *,
+    finetune: FinetuneParams,
+    prepared_dir: str | Path,
+    pretrained_dir: str | Path,
+    metrics_path: str | Path,
+    table_path: str | Path,
+    plot_path: str | Path,
 ) -> dict:
+    finetune_params = finetune
     inputs = StudyInputs.load(prepared_dir, pretrained_dir, finetune_params)
     runs = [
         row
-        for fraction in sorted(set(params.fractions))
+        for share in shares(params)
         for subset in range(params.subsets)
-        for row in run_subset(inputs, params, finetune_params, fraction, subset)
+        for row in run_subset(inputs, params, finetune_params, share, subset)
     ]
     table = pd.DataFrame(runs)
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
@@ -397,14 +450,22 @@ def study(
     return metrics
 
 
+def shares(params: StudyParams) -> list:
+    """The label budgets the study compares: ("per_class", n) for each study.per_class, else the fractions."""
+    if params.per_class:
+        return [("per_class", n) for n in sorted(set(params.per_class))]
+    return sorted(set(params.fractions))
+
+
 def summarise(table: pd.DataFrame) -> dict:
     """Per share of the labels: each arm's mean, spread and range of test accuracy over the subsets, the
     neural arms' mean training accuracy, how often T-GM's pick was the fine-tune, and the headline gaps."""
     metrics: dict = {}
-    for fraction, rows in table.groupby("fraction", sort=True):
-        key = f"{fraction * 100:g}pct"
+    by = "per_class" if "per_class" in table else "fraction"
+    for share, rows in table.groupby(by, sort=True):
+        key = f"{share}_per_class" if by == "per_class" else f"{share * 100:g}pct"
         entry = {"labelled": int(rows["labelled"].mean()), "subsets": int(rows["subset"].nunique())}
-        for arm in ARMS:
+        for arm in [a for a in ARMS if a in set(rows["arm"])]:
             acc = rows.loc[rows["arm"] == arm, "test_accuracy"]
             entry[arm] = {
                 "mean": round(float(acc.mean()), 6),
@@ -418,6 +479,8 @@ def summarise(table: pd.DataFrame) -> dict:
         entry["tgm"]["finetune_picked"] = int((rows.loc[rows["arm"] == "tgm", "choice"] == "finetune").sum())
         entry["tgm_minus_svm"] = round(entry["tgm"]["mean"] - entry["svm_rbf"]["mean"], 6)
         entry["pretraining_gain"] = round(entry["finetune"]["mean"] - entry["scratch"]["mean"], 6)
+        if "labelled_only" in entry:  # what pretraining on the unlabelled images adds to pretraining on L alone
+            entry["unlabelled_gain"] = round(entry["tgm"]["mean"] - entry["labelled_only"]["mean"], 6)
         metrics[key] = entry
     return metrics
 
@@ -447,11 +510,14 @@ def draw(table: pd.DataFrame, path: Path, params: StudyParams) -> None:
         "finetune": ".:",
         "probe": "x:",
         "scratch": "s-",
+        "labelled_only": "p:",
         "logreg": "^--",
         "svm_rbf": "v--",
         "knn": "d--",
     }
     for arm, style in styles.items():
+        if arm not in set(table["arm"]):
+            continue
         stats = table[table["arm"] == arm].groupby("labelled")["test_accuracy"].agg(["mean", "std"]).fillna(0.0)
         ax.errorbar(
             stats.index,

@@ -115,7 +115,7 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     return round(float(roc_auc_score(y, np.r_[in_scores, out_scores])), 6)
 
 
-def ood_report(model: TGM, spec: PreprocessSpec, val_tokens, test_tokens, quantile: float, n: int, seed: int):
+def ood_report(model: TGM, spec: PreprocessSpec, val_tokens, test_tokens, *, quantile: float, n: int, seed: int):
     """The calibration fitted on validation, and per out-of-distribution set: AUROC of bits per pixel and of the
     max-softmax baseline against the test split, and the share of the set the threshold flags."""
     _, val_bpp = classify_and_score(model, val_tokens)

@@ -269,10 +269,10 @@ def write_outputs(v: Verdicts, out_dir: Path, details: dict) -> None:
 
 def validate(
     params: ValidateParams,
-    raw_dir: str | Path = "data/raw",
-    out_dir: str | Path = "data/validated",
-    report_path: str | Path = "reports/validation.json",
-    docs_dir: str | Path | None = "reports/validation_docs",
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    report_path: str | Path,
+    docs_dir: str | Path | None,
 ) -> dict:
     from tgm.expectations import Suites
 
