@@ -275,3 +275,17 @@ def test_a_dask_cluster_through_prefect_gives_the_same_outputs_as_one_process(tm
     different = [str(k) for k, v in outputs["one process"].items() if v != outputs["dask"][k]]
     assert not different, different
     assert ran, "nothing ran on the cluster"
+
+
+def test_outputs_written_atomically_get_the_modes_of_any_other_file(tmp_path):
+    """Written through a temporary file, a report must not end up owner-only (mkstemp's 0600) when a file
+    written plainly would not be."""
+    from tgm.io import atomic_dir, write_json
+
+    write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    with atomic_dir(tmp_path / "model") as folder:
+        (folder / "weights").write_bytes(b"")
+    (tmp_path / "plain.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("metrics.json") == mode("plain.json") and mode("model") == mode("plain")

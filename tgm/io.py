@@ -14,6 +14,10 @@ from typing import IO, Any
 
 from tgm.errors import SourceChanged
 
+# mkstemp and mkdtemp create owner-only files and folders; an output should get the modes any other file gets.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
@@ -38,6 +42,7 @@ def atomic_file(path: str | Path, mode: str = "wb", durable: bool = False) -> It
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             if durable:
@@ -61,6 +66,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~_UMASK)
         yield tmp
         if path.exists():
             shutil.rmtree(path)
