@@ -5,7 +5,9 @@ model it is told to, and, with TGM_API_KEY set, only talks to callers that hold 
 import asyncio
 import io
 import json
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,7 @@ from PIL import Image
 from support import local_server
 from support.reference import Reference
 
+from tgm.answers import ERRORS, BatchAnswer, ClassifyAnswer, ErrorAnswer, Metadata
 from tgm.preprocess import PreprocessSpec, image_to_tokens, tokens_to_image
 
 pytestmark = pytest.mark.slow
@@ -53,6 +56,7 @@ def expected(classifier: Reference, path: Path) -> dict:
 
 
 def same_answer(body: dict, want: dict) -> None:
+    ClassifyAnswer.model_validate(body)  # the shape the OpenAPI page documents
     assert body["label"] == want["label"]
     assert body["bits_per_pixel"] == pytest.approx(want["bits_per_pixel"], abs=1e-3)
     assert body["typical"] is want["typical"] and isinstance(body["typical"], bool)
@@ -151,11 +155,59 @@ def test_metadata_says_which_model_answers(served, built_project):
     assert meta["data_hash"] == prepared["md5"]
 
 
-def test_openapi_documents_every_endpoint(served):
+def schema_of(spec: dict, schema: dict) -> dict:
+    """A schema of the spec with its $ref followed."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def test_openapi_documents_every_answer_and_error_in_tgms_own_words(served, built_project):
     spec = httpx.get(f"{served}/docs.json", timeout=10).json()
-    for path in ("/classify", "/classify_batch", "/complete", "/metadata"):
-        assert path in spec["paths"], path
+    tag = json.loads((built_project / "reports/package.json").read_text())["model_tag"]
+    info = spec["info"]
+    assert info["title"] == "T-GM classifier" and tag in info["version"] and tag in info["description"]
+    assert "created with BentoML" not in info["description"] and info["version"] != "None"
+    for route, model in (("/classify", ClassifyAnswer), ("/classify_batch", BatchAnswer)):
+        responses = spec["paths"][route]["post"]["responses"]
+        answer = schema_of(spec, responses["200"]["content"]["application/json"]["schema"])
+        assert set(answer["properties"]) == set(model.model_fields), route
+        for code in ERRORS:
+            error = schema_of(spec, responses[code]["content"]["application/json"]["schema"])
+            assert set(error["properties"]) == set(ErrorAnswer.model_fields), (route, code)
+    metadata = spec["paths"]["/metadata"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(schema_of(spec, metadata)["properties"]) == set(Metadata.model_fields)
+    card = spec["paths"]["/model_card"]["get"]["responses"]
+    assert "text/markdown" in card["200"]["content"]
+    assert set(schema_of(spec, card["404"]["content"]["application/json"]["schema"])["properties"]) == {
+        "error",
+        "detail",
+    }
+    Metadata.model_validate(httpx.get(f"{served}/metadata", timeout=10).json())
     assert httpx.get(f"{served}/", timeout=10).status_code == 200  # the Swagger UI
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="apt-get install chromium (.ci/run installs it)")
+def test_the_swagger_page_shows_tgm_its_version_model_and_the_answers_in_a_real_browser(served, built_project):
+    tag = json.loads((built_project / "reports/package.json").read_text())["model_tag"]
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as profile:
+        page = subprocess.run(
+            [str(CHROMIUM), *flags, f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom",
+             f"{served}/"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+    text = re.sub(r"<[^>]+>", " ", page)  # what the page shows, as rendered by Swagger UI's scripts
+    assert "T-GM classifier" in text and tag in text, text[:2000]
+    assert "created with BentoML" not in text and "Slack" not in text
+    for shown in ("/classify", "/classify_batch", "/complete", "/metadata", "/model_card"):
+        assert shown in text, shown
+    for model in ("ClassifyAnswer", "BatchAnswer", "ErrorAnswer", "Metadata"):
+        assert model in text, model
 
 
 @pytest.mark.parametrize(

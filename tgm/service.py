@@ -38,6 +38,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
+from tgm.answers import ERRORS, BatchAnswer, ClassifyAnswer, ErrorAnswer, Metadata
 from tgm.batching import MicroBatcher, Overloaded
 from tgm.http_guards import LimitsAndAuth, strict_multipart
 from tgm.images import InvalidImage, open_image
@@ -232,12 +233,20 @@ class TGMClassifier:
                 + " (unlike the images the model was trained on; TGM_REFUSE_ATYPICAL=1 refuses these)",
             )
 
-    @http.get("/metadata")
+    @http.get("/metadata", response_model=Metadata, responses={"401": {"model": ErrorAnswer}})
     def metadata(self) -> dict:
         """Which model answers: tag, classes, image and palette size, metrics, params, git commit, data hash."""
         return self.about
 
-    @http.get("/model_card")
+    @http.get(
+        "/model_card",
+        response_class=Response,
+        responses={
+            "200": {"content": {"text/markdown": {}}, "description": "the model card"},
+            "404": {"model": ErrorAnswer, "description": "a model packaged before model cards existed"},
+            "401": {"model": ErrorAnswer},
+        },
+    )
     def model_card(self) -> Response:
         """The model card (markdown): intended use, training data, metrics, label efficiency, limits, provenance."""
         if self.card is None:
@@ -245,7 +254,7 @@ class TGMClassifier:
         return Response(self.card, media_type="text/markdown; charset=utf-8")
 
     @bentoml.api
-    async def classify(self, image: Path) -> dict:
+    async def classify(self, image: Path) -> ClassifyAnswer:
         """Classify one image (multipart field `image`): its label, every class's probability, its bits per pixel
         and whether it is typical of the training images.
 
@@ -261,7 +270,7 @@ class TGMClassifier:
         return JSONResponse(result)
 
     @bentoml.api
-    async def classify_batch(self, images: list[Path]) -> dict:
+    async def classify_batch(self, images: list[Path]) -> BatchAnswer:
         """Classify several images in one request (repeat the multipart field `images`, at most TGM_MAX_IMAGES).
 
         Example: `curl -F images=@a.png -F images=@b.png http://localhost:3000/classify_batch`"""
@@ -322,3 +331,53 @@ class TGMClassifier:
 
 
 TGMClassifier.add_asgi_middleware(LimitsAndAuth, max_bytes=MAX_REQUEST_BYTES, max_header_bytes=MAX_HEADER_BYTES)
+
+
+def _about_page() -> tuple[str, str]:
+    """(version, description) of the OpenAPI page: T-GM's own words, its version and the model it serves."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tgm = version("tgm")
+    except PackageNotFoundError:
+        tgm = "unknown"
+    info = bentoml.models.get(MODEL).info
+    task = (info.metadata or {}).get("task") or {}
+    classes = ", ".join(f"`{c}`" for c in task.get("classes", [])) or "its classes"
+    text = (
+        f"T-GM {tgm} serves **`{info.tag}`**, a GPT-style transformer pretrained to predict the next pixel, then "
+        f"fine-tuned as a classifier of {classes} (task `{task.get('id', '?')}`, data `{task.get('source', '?')}`).\n\n"
+        "`POST /classify` and `/classify_batch` answer each image with its label, every class's probability, "
+        "its bits per pixel and whether it is typical of the training images; `POST /complete` samples the rest "
+        "of an image; `GET /metadata` and `GET /model_card` describe the model. Every error is JSON, "
+        '`{"error": code, "detail": sentence}`: ' + "; ".join(f"{code} {why}" for code, why in ERRORS.items()) + "."
+    )
+    return f"{tgm} ({info.tag})", text
+
+
+class _DocumentedService(type(TGMClassifier)):
+    """TGMClassifier with its OpenAPI page (/ and /docs.json) in T-GM's words: BentoML's default is a placeholder
+    README, and a version only for a built Bento. Every API also documents its error answers."""
+
+    __slots__ = ()  # the same layout as BentoML's service, so the instance can take this class
+
+    @property
+    def openapi_spec(self):
+        import attrs
+        from bentoml._internal.service.openapi.specification import Info, MediaType, Reference
+        from bentoml._internal.service.openapi.specification import Response as Documented
+
+        version, description = _about_page()
+        info = Info(title="T-GM classifier", description=description, version=version)
+        spec = attrs.evolve(super().openapi_spec, info=info)  # the spec is a frozen attrs class
+        schemas = spec.components["schemas"] if isinstance(spec.components, dict) else spec.components.schemas
+        schemas["ErrorAnswer"] = ErrorAnswer.model_json_schema()
+        error = MediaType(schema=Reference("#/components/schemas/ErrorAnswer"))
+        for route in ("/classify", "/classify_batch", "/complete"):
+            responses = spec.paths[route].post["responses"]
+            for code, why in ERRORS.items():  # BentoML keys its own (400, 404, 500) by number
+                responses[int(code)] = Documented(description=why, content={"application/json": error})
+        return spec
+
+
+TGMClassifier.__class__ = _DocumentedService
