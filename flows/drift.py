@@ -90,8 +90,26 @@ def drift_check(workdir: str = ".", folder: str | None = None) -> dict:
         markdown=drift_markdown(report, result["refusal"]), key="tgm-drift", description="T-GM input drift"
     )
     if result["refusal"] is not None:
+        if report is not None and report.get("problems"):  # drift itself, not a folder too small to judge
+            emit_drift(workdir, report)
         raise DriftFound(result["refusal"])
     return report
+
+
+DRIFT_EVENT = "tgm.drift.detected"
+
+
+def emit_drift(workdir: str, report: dict) -> None:
+    """The event a deployment trigger reacts to (prefect.yaml: the pipeline retrains): which project drifted,
+    and by how much."""
+    from prefect.events import emit_event
+
+    project = Path(workdir).resolve()  # "." and the absolute path are the same project to a trigger
+    emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"tgm.project.{project}", "prefect.resource.name": project.name},
+        payload={k: report.get(k) for k in ("folder", "scored", "atypical_share", "ks_p_value", "problems")},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

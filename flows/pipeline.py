@@ -172,21 +172,62 @@ def pipeline(
         )
         artifacts.publish(markdown)
 
+    if any("promote" in r["ran"] for r in results):
+        emit_promotion(workdir)
     if failure is not None:
         raise PipelineStopped(f"stage {failure.stage} stopped the pipeline: {failure.reason}")
     pushed = push_outputs(workdir, remote) if push else None
     return {"stages": results, "experiment": exp_name, "pushed": pushed}
 
 
+PROMOTION_EVENT = "tgm.champion.promoted"
+
+
+def emit_promotion(workdir: str) -> None:
+    """A promotion as an event (for automations and the UI's event feed): the task and its new champion."""
+    from prefect.events import emit_event
+
+    registry = artifacts._read(Path(workdir) / "registry" / "champions.json") or {}
+    task = registry.get("latest")
+    champion = (registry.get("tasks", {}).get(task) or {}).get("champion") or {}
+    emit_event(
+        event=PROMOTION_EVENT,
+        resource={"prefect.resource.id": f"tgm.task.{task}", "prefect.resource.name": str(task)},
+        payload={
+            "model": champion.get("model"),
+            "metrics": champion.get("metrics"),
+            "workdir": str(Path(workdir).resolve()),
+        },
+    )
+
+
+def retrain_on_drift(workdir: str):
+    """The deployment trigger that reruns the pipeline when the drift flow finds drift in this project's inputs
+    (flows.drift emits the event; prefect.yaml declares the same trigger for the work pool's deployment)."""
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.drift import DRIFT_EVENT
+
+    return DeploymentEventTrigger(
+        name="retrain on drift",
+        expect={DRIFT_EVENT},
+        match={"prefect.resource.id": f"tgm.project.{Path(workdir).resolve()}"},
+        parameters={"workdir": workdir},
+    )
+
+
 def serve(cron: str | None, interval: float | None, name: str, parameters: dict, limit: int | None) -> None:
-    """Serve the flow as a deployment with a schedule; runs happen in this process until it is stopped."""
+    """Serve the flow as a deployment with a schedule, rerun as well when this project's inputs drift; runs
+    happen in this process until it is stopped."""
     pipeline.serve(
         name=name,
         cron=cron,
         interval=interval,
         parameters=parameters,
         limit=limit,
-        description="T-GM: reproduce the DVC pipeline, gate and package; runs saved as DVC experiments",
+        triggers=[retrain_on_drift(parameters["workdir"])],
+        description="T-GM: reproduce the DVC pipeline, gate and package; runs saved as DVC experiments; "
+        "reruns when the drift flow finds drift",
     )
 
 

@@ -2,13 +2,16 @@
 the schedule read back through the API, a run triggered with run_deployment, its artifacts read back; and
 prefect.yaml deployed to a process work pool."""
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, run
 from support import local_server
 
@@ -185,3 +188,75 @@ def test_the_command_line_run_takes_overrides_and_pushes_to_the_default_remote(p
     status = run(["dvc", "status", "--cloud", "--json"], digits_project).stdout
     assert storage.is_dir() and status.strip() in ("{}", "")  # everything the workspace uses is in the remote
     run(["dvc", "repro"], digits_project, timeout=600)
+
+
+def events_named(api: str, name: str, resource: str, wait_s: float = 60) -> list[dict]:
+    """The events of that name about that resource (the server is shared with the module's other tests), once
+    the server has stored at least one: it takes them in asynchronously."""
+    import httpx
+
+    body = {"filter": {"event": {"name": [name]}, "resource": {"id": [resource]}}, "limit": 50}
+    deadline = time.monotonic() + wait_s
+    while True:
+        events = httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
+
+
+def test_drift_found_by_the_drift_flow_reruns_the_pipeline_and_its_promotion_is_an_event(
+    prefect_api, client_of, digits_project, tmp_path
+):
+    """The reaction docs/prefect.md argues for, on a real server: the drift flow finds drift and emits
+    tgm.drift.detected; the served pipeline's deployment trigger starts a run for the same project, which
+    (a gate setting changed meanwhile) gates, packages and promotes, and says so as tgm.champion.promoted."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from test_drift import incoming, replace_with_noise
+
+    from flows.drift import DRIFT_EVENT
+    from flows.pipeline import PROMOTION_EVENT
+
+    project = digits_project.resolve()
+    # Retraining on the drifted images would take minutes of pretraining; a gate setting changed meanwhile makes
+    # the run judge, package and promote again in seconds.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["gate"]["max_regression"] = 0.02
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    files = incoming(project, tmp_path / "incoming")
+    replace_with_noise(files, 1 / 3)
+    api, home = prefect_api
+    env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    cmd = [sys.executable, "-m", "flows.pipeline", "serve", "--cron", "0 3 1 1 *", "--name", "tgm-retrain"]
+    serve, log = local_server.start_process([*cmd, "--workdir", str(project)], project, env, "pipeline-serve")
+    try:
+        deployment = wait_for_deployment(client_of, "tgm-pipeline/tgm-retrain")
+        drift = subprocess.run(
+            [sys.executable, "-m", "flows.drift", "--workdir", str(project), "--folder", str(tmp_path / "incoming")],
+            cwd=project, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert drift.returncode != 0 and "of the images are atypical" in drift.stdout + drift.stderr
+        drifts = events_named(api, DRIFT_EVENT, f"tgm.project.{project}")
+        assert len(drifts) == 1 and drifts[0]["payload"]["problems"], drifts
+        deadline, runs = time.monotonic() + 300, []
+        while time.monotonic() < deadline:
+            runs = client_of.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            )
+            runs = [r for r in runs if not r.auto_scheduled]  # the cron's future runs are not the reaction
+            if runs and runs[0].state and runs[0].state.is_final():
+                break
+            time.sleep(2)
+        assert len(runs) == 1, (runs, log.read_text()[-3000:])
+        assert runs[0].state.is_completed(), (runs[0].state, log.read_text()[-3000:])
+        assert runs[0].parameters["workdir"] == str(project)
+    finally:
+        local_server.stop(serve)
+    champions = json.loads((project / "registry" / "champions.json").read_text())
+    task = champions["latest"]
+    promoted = [
+        e for e in events_named(api, PROMOTION_EVENT, f"tgm.task.{task}") if e["payload"]["workdir"] == str(project)
+    ]
+    assert [e["payload"]["model"] for e in promoted] == [champions["tasks"][task]["champion"]["model"]], (
+        events_named(api, PROMOTION_EVENT, f"tgm.task.{task}", wait_s=0),
+        log.read_text()[-4000:],
+    )
