@@ -183,11 +183,8 @@ def train_neural(model, x, y, params: FinetuneParams, *, epochs: int, unlabelled
     budget = params.model_copy(
         update={"epochs": epochs, "patience": epochs + 1, "checkpoint_every": 0, "max_steps": None}
     )
-    train_log = logging.getLogger("tgm.training.loop")
-    level = train_log.level
-    train_log.setLevel(logging.WARNING)  # dozens of short runs: one line per run below, not one per epoch
-    try:
-        history, _ = fit(
+    history, _ = quiet(
+        lambda: fit(
             model.to(device),
             Split(x, y),
             None if selection is None else Split(*selection),
@@ -197,9 +194,19 @@ def train_neural(model, x, y, params: FinetuneParams, *, epochs: int, unlabelled
             restore_best=False,
             pool=unlabelled,
         )
+    )
+    return history
+
+
+def quiet(run):
+    """`run()` with the loop's per-epoch lines off: the study makes dozens of short runs, logged one line each."""
+    train_log = logging.getLogger("tgm.training.loop")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)
+    try:
+        return run()
     finally:
         train_log.setLevel(level)
-    return history
 
 
 def neural_arm(make_model, lrs, data: dict, params: FinetuneParams, *, steps: int, unlabelled, device) -> dict:
@@ -328,8 +335,8 @@ class StudyInputs:
             update={"lr": params.labelled_only_lr, "epochs": epochs, "max_steps": steps, "checkpoint_every": 0,
                     "patience": epochs + 1}
         )  # fmt: skip
-        fit(base.to(self.device), Split(tokens, np.zeros(len(tokens), np.int64)), None, budget, Generative(),
-            self.device, restore_best=False)  # fmt: skip
+        quiet(lambda: fit(base.to(self.device), Split(tokens, np.zeros(len(tokens), np.int64)), None, budget,
+                          Generative(), self.device, restore_best=False))  # fmt: skip
         weights = {k: v.cpu() for k, v in base.state_dict().items()}
 
         def make():
@@ -354,6 +361,33 @@ def subset_views(inputs: StudyInputs, idx: np.ndarray, folds: list[dict], source
     }
 
 
+def neural_results(inputs: StudyInputs, params: StudyParams, recipe: FinetuneParams, idx, folds, named: str) -> dict:
+    """The neural arms on one subset (`idx`, its `folds`): fine-tune, scratch and, when switched on, the arm
+    pretrained on the subset alone."""
+    train = inputs.train
+    unlabelled = None
+    if params.unlabelled:  # the training images outside the subset, and the pools
+        unlabelled = np.delete(train[0], idx, axis=0)
+        if inputs.pool is not None:
+            unlabelled = np.concatenate([unlabelled, inputs.pool])
+    neural = [
+        ("finetune", inputs.pretrained_model, params.finetune_lrs, params.steps),
+        ("scratch", inputs.scratch_model, params.scratch_lrs, params.scratch_steps),
+    ]
+    if params.labelled_only_steps:
+        t0 = time.perf_counter()
+        own = inputs.pretrained_on(train[0][idx], params, recipe)
+        log.info("study: labelled_only pretraining on %d images: %.1fs", len(idx), time.perf_counter() - t0)
+        neural.append(("labelled_only", own, params.finetune_lrs, params.steps))
+    results = {}
+    for arm, make, lrs, steps in neural:
+        t0 = time.perf_counter()
+        views = subset_views(inputs, idx, folds, train[0], inputs.test[0])
+        results[arm] = neural_arm(make, lrs, views, recipe, steps=steps, unlabelled=unlabelled, device=inputs.device)
+        log.info("study: %s, %s: %.1fs", arm, named, time.perf_counter() - t0)
+    return results
+
+
 def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: FinetuneParams, share, subset) -> list:
     """Every arm on one labelled subset, each selecting inside it; one table row per arm. `share`: a fraction of
     the training labels, or ("per_class", n)."""
@@ -365,29 +399,8 @@ def run_subset(inputs: StudyInputs, params: StudyParams, finetune_params: Finetu
     folds = [
         {"fit": idx[f], "select": idx[s]} for f, s in selection_folds(train[1][idx], params.folds, params.holdout, seed)
     ]
-    unlabelled = None
-    if params.unlabelled:  # the training images outside the subset, and the pools
-        unlabelled = np.delete(train[0], idx, axis=0)
-        if inputs.pool is not None:
-            unlabelled = np.concatenate([unlabelled, inputs.pool])
-    results = {}
-    neural = [
-        ("finetune", inputs.pretrained_model, params.finetune_lrs, params.steps),
-        ("scratch", inputs.scratch_model, params.scratch_lrs, params.scratch_steps),
-    ]
-    if params.labelled_only_steps:
-        t0 = time.perf_counter()
-        own = inputs.pretrained_on(train[0][idx], params, finetune_params)
-        log.info("study: labelled_only pretraining on %d images: %.1fs", len(idx), time.perf_counter() - t0)
-        neural.append(("labelled_only", own, params.finetune_lrs, params.steps))
     named = f"{per_class} per class" if per_class else f"{fraction:g} of the labels"
-    for arm, make, lrs, steps in neural:
-        t0 = time.perf_counter()
-        views = subset_views(inputs, idx, folds, train[0], inputs.test[0])
-        results[arm] = neural_arm(
-            make, lrs, views, finetune_params, steps=steps, unlabelled=unlabelled, device=inputs.device
-        )
-        log.info("study: %s, %s, subset %d: %.1fs", arm, named, subset, time.perf_counter() - t0)
+    results = neural_results(inputs, params, finetune_params, idx, folds, f"{named}, subset {subset}")
     features = inputs.features
     layers = list(range(1, features["train"].shape[0])) + ["all"]
     results["probe"] = sklearn_arm(

@@ -208,7 +208,8 @@ def end_epoch(run: Run, state: TrainState, val: Split | None, curves, epoch_time
     if curves is not None:
         curves.epoch(state, row)
     if run.dist.is_main and (val is not None or epoch == params.epochs):
-        shown = f"acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else f"val bpp {row.get('val_bpp', 0):.4f}"
+        shown = f"val bpp {row['val_bpp']:.4f}" if "val_bpp" in row else ""
+        shown = f"acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else shown
         eta = epoch_time * (params.epochs - epoch)
         log.info("%s epoch %d/%d  train %.4f  %s  %.0f tok/s  eta %.0fs", objective.name, epoch, params.epochs,
                  row["train_loss"], shown, tokens_per_s, eta)  # fmt: skip
