@@ -1,9 +1,12 @@
-"""The gate blocks a weak model with a message naming each failed check; every stage explains itself."""
+"""The gate blocks a weak model with a message naming each failed check; every stage explains itself; the
+registry keeps each task's champion, its history and its rollback."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +14,7 @@ from conftest import ROOT, merge, params_of
 
 from tgm.cli import HELP
 from tgm.gate import GateFailed, judge
-from tgm.registry import Registry, task_of
+from tgm.registry import Registry, RegistryError, task_of
 from tgm.stages import STAGES
 
 DIGITS = task_of("builtin:digits", [str(d) for d in range(10)])
@@ -172,3 +175,50 @@ def test_a_damaged_registry_is_a_clear_error_not_a_traceback(tmp_path):
     params = params_of("gate", min_accuracy=0.5, min_macro_f1=0.5, max_regression=0.01)
     with pytest.raises(RegistryError, match="champions.json is not valid JSON .*dvc checkout registry"):
         judge(params, DIGITS, write_metrics(tmp_path, 0.9, 0.9), tmp_path / "gate.json", tmp_path / "registry")
+
+
+@pytest.fixture
+def stored_models(bentoml_home):
+    """Two small models in the BentoML store this process uses, under a name no other test serves; removed after."""
+    import bentoml
+
+    tags = []
+    for version in ("unit1", "unit2"):
+        with bentoml.models.create(f"tgm-registry-unit:{version}") as model:
+            (Path(model.path) / "weights").write_text(version)
+        tags.append(str(model.tag))
+    yield tags
+    for tag in tags:
+        with contextlib.suppress(bentoml.exceptions.NotFound):
+            bentoml.models.delete(tag)
+
+
+def test_the_registry_promotes_keeps_history_rolls_back_and_refills_the_store(tmp_path, stored_models):
+    import bentoml
+
+    first, second = stored_models
+    pets = task_of("folder:pets", ["cat", "dog"])
+    registry = Registry(tmp_path / "registry")
+    registry.promote(first, DIGITS, {"accuracy": 0.9, "macro_f1": 0.9}, how="gate")
+    registry.promote(second, DIGITS, {"accuracy": 0.95, "macro_f1": 0.94}, how="gate")
+    assert registry.promote(second, DIGITS, {"accuracy": 0.95}, how="gate")["model"] == second  # already: no-op
+    registry.promote(first, pets, {"accuracy": 0.7, "macro_f1": 0.7}, how="by hand")
+
+    reread = Registry(tmp_path / "registry")  # what a later process (or a clone after dvc pull) sees
+    assert reread.champion(DIGITS.id)["model"] == second and reread.champion(pets.id)["model"] == first
+    assert [e["model"] for e in reread.tasks()[DIGITS.id]["earlier"]] == [first]
+    assert [e["event"] for e in reread.tasks()[DIGITS.id]["log"]] == ["promote", "promote"]
+    assert reread.data["latest"] == pets.id and reread.champion(DIGITS.id)["metrics"]["accuracy"] == 0.95
+    for entry in reread.tasks().values():
+        assert (tmp_path / "registry" / entry["champion"]["file"]).is_file()  # exported beside the index
+
+    assert reread.rollback(DIGITS.id)["model"] == first  # another task's champion is untouched
+    assert Registry(tmp_path / "registry").champion(pets.id)["model"] == first
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        reread.rollback(DIGITS.id)
+    with pytest.raises(RegistryError, match="no task 'elsewhere'"):
+        reread.rollback("elsewhere")
+
+    bentoml.models.delete(first)  # a machine whose store lacks the champion imports it from the registry
+    assert reread.ensure_in_store(reread.champion(DIGITS.id)) == first
+    assert (Path(bentoml.models.get(first).path) / "weights").read_text() == "unit1"
