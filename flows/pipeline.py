@@ -187,15 +187,17 @@ def emit_promotion(workdir: str) -> None:
     """A promotion as an event (for automations and the UI's event feed): the task and its new champion."""
     from prefect.events import emit_event
 
-    registry = artifacts._read(Path(workdir) / "registry" / "champions.json") or {}
-    task = registry.get("latest")
-    champion = (registry.get("tasks", {}).get(task) or {}).get("champion") or {}
+    from tgm.registry import REGISTRY, Registry
+
+    registry = Registry(Path(workdir) / REGISTRY)
+    task = registry.data["latest"]
+    champion = registry.champion(task)
     emit_event(
         event=PROMOTION_EVENT,
         resource={"prefect.resource.id": f"tgm.task.{task}", "prefect.resource.name": str(task)},
         payload={
-            "model": champion.get("model"),
-            "metrics": champion.get("metrics"),
+            "model": champion["model"],
+            "metrics": champion["metrics"],
             "workdir": str(Path(workdir).resolve()),
         },
     )
