@@ -190,15 +190,15 @@ def test_the_command_line_run_takes_overrides_and_pushes_to_the_default_remote(p
     run(["dvc", "repro"], digits_project, timeout=600)
 
 
-def events_named(api: str, name: str, resource: str, wait_s: float = 60) -> list[dict]:
-    """The events of that name about that resource (the server is shared with the module's other tests), once
-    the server has stored at least one: it takes them in asynchronously."""
+def events_named(api: str, name: str, resource: str, wait_s: float = 60, where=lambda event: True) -> list[dict]:
+    """The events of that name about that resource that satisfy `where`, once the server has stored at least one
+    (it takes them in asynchronously; the module's other tests share the server and may have sent their own)."""
     import httpx
 
     body = {"filter": {"event": {"name": [name]}, "resource": {"id": [resource]}}, "limit": 50}
     deadline = time.monotonic() + wait_s
     while True:
-        events = httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"]
+        events = [e for e in httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"] if where(e)]
         if events or time.monotonic() > deadline:
             return events
         time.sleep(1)
@@ -253,9 +253,9 @@ def test_drift_found_by_the_drift_flow_reruns_the_pipeline_and_its_promotion_is_
         local_server.stop(serve)
     champions = json.loads((project / "registry" / "champions.json").read_text())
     task = champions["latest"]
-    promoted = [
-        e for e in events_named(api, PROMOTION_EVENT, f"tgm.task.{task}") if e["payload"]["workdir"] == str(project)
-    ]
+    promoted = events_named(
+        api, PROMOTION_EVENT, f"tgm.task.{task}", where=lambda e: e["payload"]["workdir"] == str(project)
+    )
     assert [e["payload"]["model"] for e in promoted] == [champions["tasks"][task]["champion"]["model"]], (
         events_named(api, PROMOTION_EVENT, f"tgm.task.{task}", wait_s=0),
         log.read_text()[-4000:],
