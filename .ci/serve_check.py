@@ -1,9 +1,11 @@
-"""After `make run` on CI's clean clone: `bentoml serve` in the project serves the champion and classifies a test
-image the way the in-process classifier does. Run with the project's venv from the repository root."""
+"""After `make run` on CI's clean clone: the run promoted its model (a GTO champion tag on its promotion commit),
+and `bentoml serve` in the project serves that champion and classifies a test image. Run with the project's
+venv from the repository root."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +18,13 @@ from support import local_server  # noqa: E402
 
 
 def main() -> int:
-    registry = json.loads((ROOT / "registry/champions.json").read_text())
-    champion = registry["tasks"][registry["latest"]]["champion"]["model"]
+    promotion = json.loads((ROOT / "reports/promotion.json").read_text())
+    champion = promotion["model"]
+    tag = f"{promotion['task']}#champion#1"
+    tagged = subprocess.run(["git", "rev-list", "-n", "1", tag], cwd=ROOT, capture_output=True, text=True)
+    if tagged.stdout.strip() != promotion["commit"]:
+        print(f"serve check failed: {promotion} ({tag}: {tagged.stdout.strip() or tagged.stderr.strip()})")
+        return 1
     image = sorted((ROOT / "data/raw/images").rglob("*.png"))[0]
     server, url, log = local_server.start([], ROOT)
     try:

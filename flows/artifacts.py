@@ -42,7 +42,8 @@ def _num(value) -> str:
 def stages_markdown(results: list[dict], failed: tuple[str, str] | None, experiment: str | None) -> str:
     rows = ["| stage | DVC |", "|---|---|"]
     for r in results:
-        rows.append(f"| {r['stage']} | {'ran' if r['ran'] else 'up to date, skipped'} |")
+        # `dvc repro <stage>` also reruns the gate upstream of it (always changed): a stage ran when it did.
+        rows.append(f"| {r['stage']} | {'ran' if r['stage'] in r['ran'] else 'up to date, skipped'} |")
     if failed:
         rows.append(f"| {failed[0]} | **failed**: {failed[1].splitlines()[0]} |")
     lines = ["# Stages", "", *rows, ""]
@@ -132,23 +133,28 @@ def gate_markdown(report: dict | None) -> str | None:
     return "\n".join(lines)
 
 
-def champion_markdown(registry: dict | None) -> str | None:
-    """registry/champions.json after `promote`: the champion of the task promoted last, and the ones before."""
-    if not registry or not registry.get("latest"):
+def champion_markdown(promotion: dict | None, assigned: list[dict]) -> str | None:
+    """After `promote`: what it did, and the champions of its task (GTO), the champion first."""
+    if not promotion or not assigned:
         return None
-    task_id = registry["latest"]
-    entry = registry["tasks"][task_id]
-    lines = [f"# Champion of task `{task_id}`", "", "| model | accuracy | macro-F1 | promoted | by | how |"]
-    lines.append("|---|---|---|---|---|---|")
-    for i, c in enumerate(reversed([*entry["earlier"], entry["champion"]])):
+    task_id = promotion["task"]
+    lines = [f"# Champion of task `{task_id}`", "", f"promote: {promotion['why']}", ""]
+    lines += ["| model | version | accuracy | macro-F1 | promoted | by | how |", "|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(assigned):
         name = f"**`{c['model']}`** (champion)" if i == 0 else f"`{c['model']}`"
         m = c.get("metrics", {})
         lines.append(
-            f"| {name} | {_num(m.get('accuracy'))} | {_num(m.get('macro_f1'))} | {c.get('promoted_at')} | "
-            f"{c.get('promoted_by')} | {c.get('how')} |"
+            f"| {name} | {c['version']} | {_num(m.get('accuracy'))} | {_num(m.get('macro_f1'))} | "
+            f"{c.get('promoted_at')} | {c.get('promoted_by')} | {c.get('how')} |"
         )
-    lines += ["", "Roll back to the previous one: `tgm champion rollback`, then `git commit dvc.lock && dvc push`."]
+    lines += ["", "Share it: `git push --tags`. Roll back to the previous one: `tgm champion rollback`."]
     return "\n".join(lines)
+
+
+def _champions(workdir: Path, promotion: dict | None) -> list[dict]:
+    from tgm.registry import Champions
+
+    return [c.describe() for c in Champions(workdir).assigned(promotion["task"])] if promotion else []
 
 
 def package_markdown(report: dict | None) -> str | None:
@@ -184,7 +190,7 @@ def render(
         ("gate", "gate", "reports/gate.json", gate_markdown),
         ("package", "package", "reports/package.json", package_markdown),
         ("model_card", "package", "reports/model_card.md", _text),
-        ("champion", "promote", "registry/champions.json", champion_markdown),
+        ("champion", "promote", "reports/promotion.json", lambda p: champion_markdown(p, _champions(workdir, p))),
     ]:
         if stage in finished or stage == failed_stage:
             text = fn(_read(workdir / path) if path.endswith(".json") else workdir / path)

@@ -14,6 +14,7 @@ evaluation metrics next to the last commit's, the validation summary, the gate d
 # these annotations in another process, and the typed `params` form must be a class there, not a string.
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -187,17 +188,18 @@ def emit_promotion(workdir: str) -> None:
     """A promotion as an event (for automations and the UI's event feed): the task and its new champion."""
     from prefect.events import emit_event
 
-    from tgm.registry import REGISTRY, Registry
-
-    registry = Registry(Path(workdir) / REGISTRY)
-    task = registry.data["latest"]
-    champion = registry.champion(task)
+    promotion = json.loads((Path(workdir) / "reports/promotion.json").read_text())
+    if not promotion["promoted"]:
+        return
+    task = promotion["task"]
     emit_event(
         event=PROMOTION_EVENT,
         resource={"prefect.resource.id": f"tgm.task.{task}", "prefect.resource.name": str(task)},
         payload={
-            "model": champion["model"],
-            "metrics": champion["metrics"],
+            "model": promotion["model"],
+            "version": promotion["version"],
+            "commit": promotion["commit"],
+            "metrics": promotion["metrics"],
             "workdir": str(Path(workdir).resolve()),
         },
     )

@@ -41,8 +41,11 @@ def test_no_previous_metrics_says_so():
 
 def test_stages_table_names_the_failure_by_its_first_line():
     results = [{"stage": "ingest", "ran": ["ingest"], "skipped": []}, {"stage": "validate", "ran": [], "skipped": []}]
+    # `dvc repro package` reran the always-changed gate upstream of it, not package.
+    results.append({"stage": "package", "ran": ["gate"], "skipped": ["package"]})
     md = artifacts.stages_markdown(results, ("gate", "gate failed: accuracy too low\nmore detail"), "prefect-x")
     assert "| ingest | ran |" in md and "| validate | up to date, skipped |" in md
+    assert "| package | up to date, skipped |" in md
     assert "| gate | **failed**: gate failed: accuracy too low |" in md and "more detail" not in md
     assert "`prefect-x`" in md
     assert "Not recorded" in artifacts.stages_markdown(results, None, None)
@@ -79,14 +82,22 @@ def test_gate_report_shows_each_check_and_the_champion():
 
 
 def test_champion_report_lists_the_champion_first_then_the_earlier_ones():
-    def entry(model, accuracy):
-        return {"model": model, "metrics": {"accuracy": accuracy}, "promoted_at": "t", "promoted_by": "b", "how": "h"}
+    def entry(model, version, accuracy):
+        return {
+            "model": model,
+            "version": version,
+            "metrics": {"accuracy": accuracy},
+            "promoted_at": "t",
+            "promoted_by": "b",
+            "how": "h",
+        }
 
-    registry = {"latest": "t1", "tasks": {"t1": {"champion": entry("m:2", 0.97), "earlier": [entry("m:1", 0.95)]}}}
-    md = artifacts.champion_markdown(registry)
-    assert md.index("**`m:2`** (champion) | 0.9700") < md.index("| `m:1` | 0.9500")
-    assert "tgm champion rollback" in md
-    assert artifacts.champion_markdown({"latest": None, "tasks": {}}) is None
+    promotion = {"task": "t1", "promoted": True, "why": "m:2: champion of t1 (pipeline)"}
+    md = artifacts.champion_markdown(promotion, [entry("m:2", "v0.0.2", 0.97), entry("m:1", "v0.0.1", 0.95)])
+    assert md.index("**`m:2`** (champion) | v0.0.2 | 0.9700") < md.index("| `m:1` | v0.0.1 | 0.9500")
+    assert "promote: m:2: champion of t1 (pipeline)" in md
+    assert "tgm champion rollback" in md and "git push --tags" in md
+    assert artifacts.champion_markdown(promotion, []) is None and artifacts.champion_markdown(None, []) is None
 
 
 def test_validation_report_lists_reasons_classes_and_problems():

@@ -1,6 +1,8 @@
-"""The champion of each task: a worse model never replaces it, a model of another task is never compared with it,
-and it travels: another clone, after `git clone` + `dvc pull` alone, gates against it and serves it.
-Real pipeline, real DVC remote, real BentoML store and server."""
+"""The champion of each task, on GTO's git tags: a worse model never replaces it, a model of another task is never
+compared with it, and it travels: another clone, after `git clone` alone, gates against it and serves it, and a
+champion promoted there reaches the first clone's gate with `git fetch --tags`.
+Real pipeline, real git and DVC remotes, real BentoML store and server. What the tests read of the champions
+they read with GTO's own API and git, not through tgm.registry."""
 
 import json
 import os
@@ -19,8 +21,17 @@ from support import local_server
 pytestmark = pytest.mark.slow
 
 
-def registry(project) -> dict:
-    return json.loads((project / "registry" / "champions.json").read_text())
+def champions(project, task_id) -> list[str]:
+    """The model tags GTO says are in `task_id`'s champion stage, the champion first."""
+    import gto.api
+
+    found = gto.api.find_versions_in_stage(str(project), task_id, "champion", versions_per_stage=-1)
+    latest_first = sorted(found, key=lambda v: max(int(a.tag.rsplit("#", 1)[1]) for a in v.assignments), reverse=True)
+    show = ["git", "show"]
+    return [
+        json.loads(run([*show, f"{v.commit_hexsha}:reports/package.json"], project).stdout)["model_tag"]
+        for v in latest_first
+    ]
 
 
 def gate_report(project) -> dict:
@@ -28,7 +39,11 @@ def gate_report(project) -> dict:
 
 
 def champion_of(project, task_id) -> str:
-    return registry(project)["tasks"][task_id]["champion"]["model"]
+    return champions(project, task_id)[0]
+
+
+def ran(proc) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", proc.stdout)
 
 
 def accuracy(project):
@@ -38,6 +53,7 @@ def accuracy(project):
 def test_a_worse_model_never_replaces_the_champion_and_a_rollback_is_one_command(digits_project):
     project = digits_project
     task = gate_report(project)["task"]["id"]
+    head = run(["git", "rev-parse", "HEAD"], project).stdout
     first = champion_of(project, task)
     assert first == json.loads((project / "reports" / "package.json").read_text())["model_tag"]
     champion_accuracy = accuracy(project)
@@ -57,32 +73,35 @@ def test_a_worse_model_never_replaces_the_champion_and_a_rollback_is_one_command
     run(["dvc", "repro"], project, timeout=600)
     second = champion_of(project, task)
     assert second != first and second == json.loads((project / "reports" / "package.json").read_text())["model_tag"]
-    entry = registry(project)["tasks"][task]
-    assert [c["model"] for c in entry["earlier"]] == [first]
-    assert entry["champion"]["how"] == "pipeline"
-    assert entry["champion"]["promoted_by"] == "T-GM tests <test@t-gm.invalid>"
-    assert entry["champion"]["metrics"]["accuracy"] == accuracy(project)
-    assert (project / "registry" / entry["champion"]["file"]).stat().st_size > 0
+    assert champions(project, task) == [second, first]
+    promotion = json.loads((project / "reports" / "promotion.json").read_text())
+    assert promotion["promoted"] and promotion["version"] == "v0.0.2" and promotion["how"] == "pipeline"
+    assert promotion["promoted_by"] == "T-GM tests <test@t-gm.invalid>"
+    assert promotion["metrics"]["accuracy"] == accuracy(project)
+    # The promotion commit is on no branch: the project's own history did not move.
+    assert run(["git", "rev-parse", "HEAD"], project).stdout == head
+    assert run(["git", "branch", "--contains", promotion["commit"]], project).stdout == ""
+    # Its own promotion changes nothing the gate decides: a second run runs the gate alone.
+    assert ran(run(["dvc", "repro"], project, timeout=600)) == ["gate"]
 
-    # Roll back: one command, recorded in dvc.lock so that git and the DVC remote carry it.
+    # Roll back: one command, a git tag; the pipeline does not undo it by promoting the workspace's model again.
     proc = run(["tgm", "champion", "rollback"], project)
-    assert f"{first} is the champion again" in proc.stdout
+    assert f"{first} is the champion of {task} again" in proc.stdout and "git push --tags" in proc.stdout
     assert champion_of(project, task) == first
-    assert [e["event"] for e in registry(project)["tasks"][task]["log"]] == ["promote", "promote", "rollback"]
-    assert "promote" not in run(["dvc", "status", "promote"], project).stdout
+    assert ran(run(["dvc", "repro"], project, timeout=600)) == ["gate"]
+    assert champion_of(project, task) == first
     shown = run(["tgm", "champion", "show"], project).stdout
-    assert f"{task} (latest): {first}" in shown and "0 earlier" in shown
+    assert f"{task} (latest): {first} (v0.0.1)" in shown and "0 earlier" in shown
     failed = run(["tgm", "champion", "rollback"], project, check=False)
     assert failed.returncode == 1 and "has no earlier champion" in failed.stderr
 
-    # Promote by hand: any model packaged after passing the gate, recorded like the pipeline's promotions.
+    # Promote by hand: the model packaged here (or any earlier champion) comes back as a new assignment.
     proc = run(["tgm", "champion", "promote", second], project)
     assert f"{second} is the champion of {task}" in proc.stdout
-    entry = registry(project)["tasks"][task]
-    assert entry["champion"]["model"] == second and entry["champion"]["how"] == "by hand"
-    assert "promote" not in run(["dvc", "status", "promote"], project).stdout
+    assert champions(project, task) == [second, first]
+    assert "(by hand)" in run(["git", "tag", "-n1", "-l", f"{task}#champion#*"], project).stdout
     unknown = run(["tgm", "champion", "promote", "tgm-classifier:nosuchversion"], project, check=False)
-    assert unknown.returncode == 1 and "is not in the BentoML store" in unknown.stderr
+    assert unknown.returncode == 1 and "neither the model packaged here nor an earlier champion" in unknown.stderr
 
 
 def write_words_source(project, n_classes=3):
@@ -117,7 +136,8 @@ def test_a_new_task_in_the_same_checkout_is_not_compared_with_another_tasks_cham
     # Both tasks have a champion now; the digits one is untouched, and the new one is what is served by default.
     assert champion_of(project, digits_task) == digits_champion
     new = champion_of(project, report["task"]["id"])
-    assert new != digits_champion and registry(project)["latest"] == report["task"]["id"]
+    assert new != digits_champion
+    assert f"{report['task']['id']} (latest): {new}" in run(["tgm", "champion", "show"], project).stdout
 
 
 def client_example() -> str:
@@ -127,15 +147,22 @@ def client_example() -> str:
     return re.search(r"```python\n(.*?)```", block, re.S).group(1)
 
 
-def test_the_champion_travels_through_the_dvc_remote_to_a_fresh_clone(digits_project, tmp_path, monkeypatch):
+def test_the_champion_travels_through_git_and_dvc_remotes_to_a_fresh_clone_and_back(
+    digits_project, tmp_path, monkeypatch
+):
     first = digits_project
-    remote = tmp_path / "remote"
-    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], first)
+    remote, storage = tmp_path / "remote.git", tmp_path / "storage"
+    run(["git", "init", "-q", "--bare", str(remote)], tmp_path)
+    run(["git", "remote", "add", "origin", str(remote)], first)
+    run(["git", "push", "-q", "origin", "HEAD:main", "--tags"], first)
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(storage)], first)
     run(["dvc", "push"], first, timeout=300)
 
     clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(first), str(clone)], tmp_path)
-    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone)
+    run(["git", "clone", "-q", "-b", "main", str(remote), str(clone)], tmp_path)
+    run(["git", "config", "user.name", "Bo"], clone)
+    run(["git", "config", "user.email", "bo@t-gm.invalid"], clone)
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(storage)], clone)
     run(["dvc", "pull"], clone, timeout=300)
     task = gate_report(clone)["task"]["id"]
     champion = champion_of(clone, task)
@@ -143,14 +170,7 @@ def test_the_champion_travels_through_the_dvc_remote_to_a_fresh_clone(digits_pro
     # A machine that never trained this model: an empty BentoML store.
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "empty_bentoml_home"))
 
-    # Its gate compares with the pulled champion and refuses a worse model.
-    set_param(clone, "gate", "max_regression", 0.01)
-    set_param(clone, "finetune", "epochs", 1)
-    proc = run(["dvc", "repro"], clone, check=False, timeout=600)
-    assert proc.returncode != 0 and f"champion {champion} has" in proc.stderr
-    assert "Running stage 'package'" not in proc.stdout
-
-    # `bentoml serve` in the clone serves the champion, imported from the pulled registry, no retraining.
+    # `bentoml serve` in the clone serves the champion, its bytes fetched through DVC, no retraining.
     server, url, _ = local_server.start([], clone, {"TGM_API_KEY": "k3y"})
     try:
         meta = httpx.get(f"{url}/metadata", headers={"Authorization": "Bearer k3y"}, timeout=10).json()
@@ -175,5 +195,30 @@ def test_the_champion_travels_through_the_dvc_remote_to_a_fresh_clone(digits_pro
         assert len(lines) == 3 and lines[0].split()[0] in meta["classes"] and lines[0].split()[2] in ("True", "False")
     finally:
         local_server.stop(server)
-    # The clone's store, empty before, now holds the champion (imported from registry/ by the service).
+    # The clone's store, empty before, now holds the champion (imported by the service).
     assert run(["bentoml", "models", "get", champion, "-o", "json"], clone).returncode == 0
+
+    # The clone's gate compares with the champion and refuses a worse model ...
+    set_param(clone, "gate", "max_regression", 0.01)
+    set_param(clone, "finetune", "epochs", 1)
+    proc = run(["dvc", "repro"], clone, check=False, timeout=600)
+    assert proc.returncode != 0 and f"champion {champion} has" in proc.stderr
+    assert "Running stage 'package'" not in proc.stdout
+    # ... promotes it when told to tolerate it, and shares the promotion with a push of tags alone.
+    set_param(clone, "gate", "max_regression", 1.0)
+    run(["dvc", "repro"], clone, timeout=600)
+    newer = champion_of(clone, task)
+    assert newer != champion
+    run(["dvc", "push"], clone, timeout=300)
+    run(["git", "push", "-q", "origin", "--tags"], clone)
+
+    # Back in the first clone: `git fetch --tags`, and the next `dvc repro` gates against the newer champion.
+    run(["git", "fetch", "-q", "--tags"], first)
+    assert champion_of(first, task) == newer
+    set_param(first, "gate", "max_regression", 0.5)
+    proc = run(["dvc", "repro"], first, timeout=600)
+    assert gate_report(first)["champion"]["model"] == newer
+    assert json.loads((first / "reports" / "promotion.json").read_text())["version"] == "v0.0.3"
+    run(["git", "push", "-q", "origin", "--tags"], first)  # the third promotion, in turn: no conflict
+    run(["git", "fetch", "-q", "--tags"], clone)
+    assert champions(clone, task) == [champion_of(first, task), newer, champion]

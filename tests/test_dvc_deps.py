@@ -123,6 +123,7 @@ def test_dvc_yaml_has_exactly_the_stages_of_the_table_with_their_command_params_
         for out in outs:
             assert any(out == p or out.startswith(p + "/") for p in stage.writes.values()), (name, out)
         assert not set(stage.untracked.values()) & (outs | data_deps), name
+        assert spec.get("always_changed", False) == stage.always, name
 
 
 def test_a_stage_function_takes_exactly_what_the_table_passes():

@@ -251,12 +251,13 @@ def test_drift_found_by_the_drift_flow_reruns_the_pipeline_and_its_promotion_is_
         assert runs[0].parameters["workdir"] == str(project)
     finally:
         local_server.stop(serve)
-    champions = json.loads((project / "registry" / "champions.json").read_text())
-    task = champions["latest"]
+    promotion = json.loads((project / "reports" / "promotion.json").read_text())
+    assert promotion["promoted"] and promotion["version"] == "v0.0.2", promotion  # after the built project's
+    task = promotion["task"]
     promoted = events_named(
         api, PROMOTION_EVENT, f"tgm.task.{task}", where=lambda e: e["payload"]["workdir"] == str(project)
     )
-    assert [e["payload"]["model"] for e in promoted] == [champions["tasks"][task]["champion"]["model"]], (
+    assert [e["payload"]["model"] for e in promoted] == [promotion["model"]], (
         events_named(api, PROMOTION_EVENT, f"tgm.task.{task}", wait_s=0),
         log.read_text()[-4000:],
     )

@@ -95,16 +95,16 @@ def test_tgm_model_picks_the_model_and_one_without_a_card_answers_its_card_with_
 
 
 def test_tgm_task_serves_that_tasks_champion_and_an_unknown_task_stops_the_server(built_project):
-    registry = json.loads((built_project / "registry/champions.json").read_text())
-    task = registry["latest"]
+    promotion = json.loads((built_project / "reports/promotion.json").read_text())
+    task = promotion["task"]
     proc, url = serve(built_project, {"TGM_TASK": task})
     try:
-        assert httpx.get(f"{url}/metadata", timeout=10).json()["model"] == registry["tasks"][task]["champion"]["model"]
+        assert httpx.get(f"{url}/metadata", timeout=10).json()["model"] == promotion["model"]
     finally:
         local_server.stop(proc)
     with pytest.raises(RuntimeError) as err:
         serve(built_project, {"TGM_TASK": "no-such-task"})
-    assert f"TGM_TASK='no-such-task' has no champion in registry (tasks: {task})" in str(err.value)
+    assert f"TGM_TASK='no-such-task' has no champion here (tasks: {task};" in str(err.value)
 
 
 @pytest.mark.parametrize(

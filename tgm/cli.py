@@ -76,7 +76,7 @@ HELP = {
     "gate": (
         "Check the metrics against the floors and the task's champion; exit non-zero when a check fails.",
         """Check the evaluation metrics against the gate.* floors and against the champion of the same task
-        (same data source and class names, or gate.task), as recorded in registry/champions.json; worse by
+        (same data source and class names, or gate.task), as GTO's git tags record it; worse by
         more than gate.max_regression fails. A task without a champion is checked against the floors alone.
         Writes reports/gate.json (the task, the champion, every check) and exits non-zero naming each failed
         check, so that package does not run.""",
@@ -99,25 +99,26 @@ HELP = {
         served at GET /model_card).""",
     ),
     "promote": (
-        "Make the packaged model its task's champion in registry/ (versioned by DVC).",
-        """Make the model package just exported (it passed the gate) the champion of its task: import it
-        into the local BentoML store if needed, export it into registry/models/, record who, when, which
-        commit or DVC experiment and its metrics in registry/champions.json. `dvc push` shares it; on another
-        clone `dvc pull` restores it for the gate and for `bentoml serve`. See `tgm champion --help` to list,
-        promote by hand or roll back.""",
+        "Make the packaged model its task's champion: a GTO version and stage assignment (git tags).",
+        """Make the model package just exported (it passed the gate) the champion of its task: a snapshot
+        commit of the project (dvc.lock, metrics, reports; on no branch) registered as a new GTO version of
+        the task (<task>@vX.Y.Z) and assigned the stage `champion` (<task>#champion#N), by git's user.name.
+        A model that is the champion already, or was one before, is not promoted again (`tgm champion promote`
+        brings one back). Writes reports/promotion.json. `git push --tags` shares the champion; on another
+        clone `git fetch --tags` brings it to the gate and to `bentoml serve`, which fetches the model's bytes
+        through DVC. See `tgm champion --help` to list, promote by hand or roll back.""",
     ),
 }
 
 
 CHAMPION_HELP = """\
-The champion of each task lives in registry/ (see `tgm promote --help`).
+The champion of each task is a GTO stage assignment, a git tag (see `tgm promote --help`).
 
   tgm champion show                       each task, its champion, when and by whom it was promoted
-  tgm champion promote tgm-classifier:V   make a gated model in the BentoML store its task's champion
-  tgm champion rollback [--task T]        make the previous champion the champion again
+  tgm champion promote tgm-classifier:V   make the model packaged here, or an earlier champion, the champion
+  tgm champion rollback [--task T]        unassign the champion: the one before it is the champion again
 
-promote and rollback record the change in dvc.lock (`dvc commit promote`); then
-`git commit dvc.lock && dvc push && git push` shares it."""
+Each writes git tags only; `git push --tags` shares them, `git fetch --tags` brings others'."""
 
 
 def version() -> str:
@@ -151,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     champion.add_argument("action", choices=("show", "promote", "rollback"))
-    champion.add_argument("model", nargs="?", help="promote: the model tag in the BentoML store (name:version)")
+    champion.add_argument(
+        "model", nargs="?", help="promote: the model tag (name:version), packaged here or an earlier champion"
+    )
     champion.add_argument("--task", help="rollback: the task (default: the task changed last)")
     champion.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser

@@ -1,9 +1,10 @@
 """gate: decide whether the evaluated classifier may be packaged, and so become its task's champion.
 
 Two kinds of check: absolute floors (gate.min_accuracy, gate.min_macro_f1), and no regression against the
-champion of the same task - the model registry/ says serves it (tgm.registry), with the metrics recorded when
-it was promoted - by more than gate.max_regression. A model of another task (other classes, another data
-source, another gate.task) is never compared with: a new task has no champion until its first model passes.
+champion of the same task - the version GTO's tags say is in its `champion` stage (tgm.registry), with the
+metrics of the commit it was promoted from - by more than gate.max_regression. A model of another task (other
+classes, another data source, another gate.task) is never compared with: a new task has no champion until its
+first model passes.
 
 The report is written whether the gate passes or not; a failure raises GateFailed, so `tgm gate` exits
 non-zero and DVC does not run `package`.
@@ -19,7 +20,7 @@ from pathlib import Path
 from tgm.errors import UserError
 from tgm.io import read_json, write_json
 from tgm.params import GateParams
-from tgm.registry import REGISTRY, Registry, Task, task_for
+from tgm.registry import Champion, Champions, Task, kept_metrics, task_for
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ COMPARED = ("accuracy", "macro_f1")
 
 class GateFailed(UserError):
     """At least one gate check failed; the message names each one with its value."""
-
-
-@dataclass(frozen=True)
-class Champion:
-    model: str  # BentoML model tag
-    metrics: dict
-    promoted_at: str | None = None
-    promoted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +49,12 @@ class Check:
         return f"{self.metric} = {self.value:.4f} (needs {self.op} {self.threshold:.4f}{because}, gate.{self.name})"
 
 
-def find_champion(task: Task, registry: str | Path = REGISTRY) -> Champion | None:
-    """`task`'s champion in the registry (restored by `dvc pull` on any clone); None for a task without one."""
-    entry = Registry(registry).champion(task.id)
-    if entry is None:
-        return None
-    return Champion(entry["model"], dict(entry["metrics"]), entry.get("promoted_at"), entry.get("promoted_by"))
+def find_champion(task: Task, metrics: dict, root: str | Path = ".") -> Champion | None:
+    """`task`'s champion (`git fetch --tags` brings those promoted elsewhere); None for a task without one.
+    A champion with this model's own evaluation is this model, promoted already: it is judged against the
+    champion it replaced, so that its own promotion does not change the verdict or make DVC rerun what follows."""
+    own = kept_metrics(metrics)
+    return next((c for c in Champions(root).assigned(task.id) if c.metrics != own), None)
 
 
 def _pretrained(classifier_dir: str | Path | None) -> dict | None:
@@ -97,13 +90,13 @@ def gate(
     source: str,
     metrics_path: str | Path,
     report_path: str | Path,
-    registry: str | Path,
     classifier_dir: str | Path,
+    root: str | Path = ".",
 ) -> dict:
     """The `gate` stage: the classifier's task is its data source (ingest.source) and class names, or
     gate.task; then `judge`."""
     task = task_for(source, params.task, classifier_dir)
-    return judge(params, task, metrics_path, report_path, registry, classifier_dir)
+    return judge(params, task, metrics_path, report_path, classifier_dir, root)
 
 
 def judge(
@@ -111,12 +104,14 @@ def judge(
     task: Task,
     metrics_path: str | Path,
     report_path: str | Path,
-    registry: str | Path,
     classifier_dir: str | Path | None = None,
+    root: str | Path = ".",
 ) -> dict:
-    """Check the metrics against the floors and, unless gate.max_regression is null, `task`'s champion."""
-    champion = find_champion(task, registry) if params.max_regression is not None else None
-    checks = gate_checks(params, read_json(metrics_path), champion)
+    """Check the metrics against the floors and, unless gate.max_regression is null, `task`'s champion in the
+    git repository at `root`."""
+    metrics = read_json(metrics_path)
+    champion = find_champion(task, metrics, root) if params.max_regression is not None else None
+    checks = gate_checks(params, metrics, champion)
     failed = [c for c in checks if not c.passed]
     report = {
         "passed": not failed,
@@ -139,6 +134,7 @@ def judge(
         if champion is None
         else {
             "model": champion.model,
+            "version": champion.version,
             "promoted_at": champion.promoted_at,
             "promoted_by": champion.promoted_by,
             **{m: champion.metrics.get(m) for m in COMPARED},

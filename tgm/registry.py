@@ -1,45 +1,58 @@
-"""The champion registry: which model serves each task, kept in registry/ and versioned by DVC.
+"""The champion of each task, kept by GTO as git tags: versions and stage assignments that travel with git.
 
-A *task* is what a classifier is for: its data source and class names (or an explicit `champion.task`). Each task
-has at most one champion, the model that new models are gated against and that `bentoml serve` serves. The
-registry is a folder that every clone gets with `dvc pull`:
+A *task* is what a classifier is for: its data source and class names (or an explicit `gate.task`). Each task
+is a GTO artifact named after its id. Promoting a model registers a version of it (`<task>@v0.0.N`) on a
+*promotion commit* and assigns it the stage `champion` (`<task>#champion#N`). The promotion commit is a
+snapshot of the project as the pipeline left it (dvc.lock with the packaged model's hash, metrics/, reports/),
+parented on HEAD but on no branch: the tag keeps it, so a promotion needs no commit on your branch and two
+clones never conflict over it. `git push --tags` shares it; `git fetch --tags` brings others' promotions.
 
-    registry/champions.json                      every task: its champion, earlier champions, a log of events
-    registry/models/<task>/<name>-<version>.bentomodel   each promoted model, exported from the BentoML store
+What the registry keeps is then read back from git and DVC, never copied: the model's tag and metrics from the
+promotion commit's reports/package.json and metrics/evaluate.json, who and when from the assignment's tag, the
+model's bytes through `dvc.api` at that commit (the local DVC cache, else the remote). A rollback unassigns the
+champion (`<task>#champion!#N`), so the champion before it, still assigned, is the champion again.
 
-`registry/` is the output of the `promote` stage (persistent, so promotions accumulate), so `dvc push` ships it
-and `dvc pull` restores it. A champion's model is imported into the local BentoML store when it is first needed
-there, so a fresh clone serves it without retraining. Promotions and rollbacks by hand (`tgm champion ...`) are
-recorded in dvc.lock with `dvc commit promote`, then committed and pushed like any other change.
+What GTO does not do, and this module does: name tasks, make the promotion commit, refuse to re-promote an
+earlier champion automatically, and fill the local BentoML store from a champion's export.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import subprocess
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tgm.errors import UserError
-from tgm.git import git_commit
 from tgm.io import read_json, write_json
-from tgm.store import MODEL_FILE, ensure_model, find_model, packaged_model
+from tgm.store import MODEL_FILE, PACKAGED, REPORT, ensure_model, packaged_model
 
 log = logging.getLogger(__name__)
 
-REGISTRY = Path("registry")
-INDEX = "champions.json"
-# What the registry keeps of a model's evaluation: what the gate compares, and what a person reads first.
+STAGE = "champion"
+METRICS = "metrics/evaluate.json"
+# What a champion shows of its evaluation: what the gate compares, and what a person reads first.
 KEPT_METRICS = ("accuracy", "macro_f1", "test_bpp")
+# GTO's artifact names: letters, digits, - and _ inside, a letter or digit at each end.
+TASK_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
+
+
+def kept_metrics(metrics: dict) -> dict:
+    return {
+        **{k: metrics[k] for k in KEPT_METRICS if k in metrics},
+        "svm_rbf_accuracy": metrics.get("reference", {}).get("svm_rbf_accuracy"),
+    }
 
 
 class RegistryError(UserError):
-    """The registry cannot do what was asked (no champion to roll back to, an unknown model, ...)."""
+    """The registry cannot do what was asked (no champion to roll back to, an unknown model, no git, ...)."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,13 @@ def task_for(source: str, name: str | None, classifier_dir: str | Path = "models
 
 
 def task_of(source: str, classes: list[str], name: str | None = None) -> Task:
-    """The task a model with these classes, trained on `source`, belongs to; `name` (champion.task) overrides."""
+    """The task a model with these classes, trained on `source`, belongs to; `name` (gate.task) overrides."""
     if name:
+        if not TASK_NAME.match(name):
+            raise RegistryError(
+                f"gate.task {name!r} cannot name a GTO artifact: letters, digits, - and _ inside, a letter or "
+                "digit at each end"
+            )
         return Task(name, source, tuple(classes))
     digest = hashlib.sha256("\n".join([source, *classes]).encode()).hexdigest()[:8]
     # A readable prefix for people; the digest is what tells two tasks apart (same source, other classes).
@@ -72,186 +90,310 @@ def task_of(source: str, classes: list[str], name: str | None = None) -> Task:
     return Task(f"{slug}-{digest}", source, tuple(classes))
 
 
-def who() -> str:
-    """The person promoting: git's user.name <user.email>, else the login name."""
-    try:
-        name = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True).stdout.strip()
-        email = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        name = email = ""
-    if name:
-        return f"{name} <{email}>" if email else name
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return "unknown"
+def who(root: str | Path = ".") -> tuple[str, str]:
+    """The person promoting, as (name, email): the repository's git user.name and user.email, else the login
+    name."""
+
+    def config(key: str) -> str:
+        try:
+            return subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    name, email = config("user.name"), config("user.email")
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (OSError, KeyError):
+            name = "unknown"
+    return name, email or f"{name}@localhost"
 
 
-def experiment() -> dict:
-    """Which run made the model: the git commit, and the DVC experiment's name under `dvc exp run`."""
-    return {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME")}
+@dataclass(frozen=True)
+class Champion:
+    """A version of a task that is (or was) assigned the champion stage, as git and DVC hold it."""
+
+    task: str
+    version: str
+    commit: str
+    model: str  # BentoML model tag, from the promotion commit's reports/package.json
+    metrics: dict
+    promoted_by: str
+    promoted_at: str
+    how: str  # "pipeline" or "by hand"
+
+    def describe(self) -> dict:
+        return asdict(self)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+class Champions:
+    """The champions of every task in the git repository at `root`, read from and written to GTO's tags."""
 
-
-class Registry:
-    """champions.json and the exported models beside it. Every change is written atomically."""
-
-    def __init__(self, root: str | Path = REGISTRY):
+    def __init__(self, root: str | Path = "."):
         self.root = Path(root)
-        self.index_path = self.root / INDEX
-        self.data = {"latest": None, "tasks": {}}
-        if self.index_path.exists():
-            try:
-                self.data = read_json(self.index_path)
-            except ValueError as exc:
-                raise RegistryError(
-                    f"{self.index_path} is not valid JSON ({exc}); `dvc checkout registry` restores the recorded one"
-                ) from None
 
-    def champion(self, task_id: str) -> dict | None:
-        return self.data["tasks"].get(task_id, {}).get("champion")
+    def _git(self, *args: str, env: dict | None = None) -> str:
+        proc = subprocess.run(
+            ["git", *args], cwd=self.root, capture_output=True, text=True, env={**os.environ, **(env or {})}
+        )
+        if proc.returncode != 0:
+            raise RegistryError(f"git {args[0]} in {self.root} failed: {proc.stderr.strip()}")
+        return proc.stdout
 
-    def tasks(self) -> dict[str, dict]:
-        return self.data["tasks"]
+    def _require_git(self) -> None:
+        if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=self.root, capture_output=True).returncode:
+            raise RegistryError(f"{self.root.resolve()} is not a git repository: champions are git tags (GTO)")
 
-    def save(self) -> None:
-        write_json(self.index_path, self.data)
+    def _file_at(self, commit: str, path: str) -> str | None:
+        proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=self.root, capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else None
 
-    def promote(self, model_tag: str, task: Task, metrics: dict, how: str) -> dict:
-        """Make `model_tag` (in the local BentoML store) `task`'s champion; the old one can be rolled back to."""
-        import bentoml
+    def _events(self) -> list[dict]:
+        """Every champion assignment and unassignment of every task, oldest first."""
+        import gto.api
 
-        model = bentoml.models.get(model_tag)
-        entry = self.data["tasks"].setdefault(task.id, {**task.describe(), "champion": None, "earlier": [], "log": []})
-        if entry["champion"] and entry["champion"]["model"] == str(model.tag):
-            log.info("registry: %s is already the champion of %s", model.tag, task.id)
-            return entry["champion"]
-        rel = Path("models") / task.id / f"{model.tag.name}-{model.tag.version}.bentomodel"
-        if not (self.root / rel).exists():
-            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
-            # Exported next to its final name, then renamed: a killed export leaves no half-written model.
-            tmp = self.root / rel.with_suffix(".partial.bentomodel")
-            bentoml.models.export_model(model.tag, str(tmp.resolve()))
-            os.replace(tmp, self.root / rel)
-        champion = {
-            "model": str(model.tag),
-            "file": rel.as_posix(),
-            "metrics": {
-                **{k: metrics[k] for k in KEPT_METRICS if k in metrics},
-                "svm_rbf_accuracy": metrics.get("reference", {}).get("svm_rbf_accuracy"),
-            },
-            "promoted_by": who(),
-            "promoted_at": _now(),
-            "experiment": experiment(),
-            "how": how,
-        }
-        if entry["champion"]:
-            entry["earlier"].append(entry["champion"])
-        entry["champion"] = champion
-        entry["log"].append({"event": "promote", **{k: champion[k] for k in ("model", "promoted_by", "promoted_at")}})
-        self.data["latest"] = task.id
-        self.save()
-        log.info("registry: %s is now the champion of task %s", model.tag, task.id)
-        return champion
+        self._require_git()
+        events = [e for e in gto.api.history(str(self.root), ascending=True) if e.get("stage") == STAGE]
+        return sorted(events, key=lambda e: (e["timestamp"], _counter(e["ref"])))
 
-    def rollback(self, task_id: str | None = None) -> dict:
-        """Make the previous champion of `task_id` (default: the latest task) the champion again."""
-        task_id = task_id or self.data.get("latest")
-        entry = self.data["tasks"].get(task_id or "")
-        if entry is None:
-            known = ", ".join(self.data["tasks"]) or "none"
-            raise RegistryError(f"no task {task_id!r} in {self.index_path} (tasks: {known})")
-        if not entry["earlier"]:
+    def tasks(self) -> list[str]:
+        """The tasks that have had a champion, the one changed last first."""
+        seen: dict[str, None] = {}
+        for event in reversed(self._events()):
+            seen.setdefault(event["artifact"])
+        return list(seen)
+
+    def latest(self) -> str | None:
+        tasks = self.tasks()
+        return tasks[0] if tasks else None
+
+    def assigned(self, task_id: str) -> list[Champion]:
+        """`task_id`'s versions in the champion stage: the champion first, then those a rollback returns to."""
+        last: dict[str, dict] = {}
+        for event in self._events():
+            if event["artifact"] == task_id:
+                last.pop(event["version"], None)
+                last[event["version"]] = event
+        active = [e for e in last.values() if e["event"] == "assignment"]
+        return [self._champion(e) for e in reversed(active)]
+
+    def champion(self, task_id: str) -> Champion | None:
+        assigned = self.assigned(task_id)
+        return assigned[0] if assigned else None
+
+    def versions(self, task_id: str) -> dict[str, Champion]:
+        """Every model ever promoted in `task_id`, by model tag (champion now or not)."""
+        found = {}
+        for event in self._events():
+            if event["artifact"] == task_id and event["event"] == "assignment":
+                champion = self._champion(event)
+                found.setdefault(champion.model, champion)
+        return found
+
+    def _champion(self, event: dict) -> Champion:
+        commit = event["commit"]
+        package = self._file_at(commit, REPORT.as_posix())
+        if package is None:
+            raise RegistryError(f"{event['ref']} points at {commit[:12]}, which has no {REPORT}: not a T-GM champion")
+        message = (event.get("message") or "").strip()
+        return Champion(
+            task=event["artifact"],
+            version=event["version"],
+            commit=commit,
+            model=json.loads(package)["model_tag"],
+            metrics=kept_metrics(json.loads(self._file_at(commit, METRICS) or "{}")),
+            promoted_by=f"{event['author']} <{event['author_email']}>",
+            promoted_at=event["timestamp"].isoformat(timespec="seconds"),
+            how="by hand" if message.endswith("(by hand)") else "pipeline",
+        )
+
+    def promote(self, task: Task, how: str = "pipeline") -> dict:
+        """Make the model packaged in this project (models/packaged/, reports/package.json) `task`'s champion:
+        a new GTO version on a promotion commit, assigned the champion stage. What happened, as a dict."""
+        import gto.api
+
+        packaged = packaged_model(self.root)
+        if packaged is None:
+            raise RegistryError(f"nothing packaged in {self.root / PACKAGED}: `dvc repro package` makes it")
+        tag = ensure_model(*packaged)
+        current = self.champion(task.id)
+        if current is not None and current.model == tag:
+            return {"promoted": False, "why": f"{tag} is already the champion of {task.id}", **current.describe()}
+        earlier = self.versions(task.id).get(tag)
+        if earlier is not None and how == "pipeline":
+            # A replaced or rolled-back champion stays so: only a person brings it back.
+            why = (
+                f"{tag} was champion {earlier.version} of {task.id} before; the pipeline does not bring it back "
+                f"(`tgm champion promote {tag}` does)"
+            )
+            return {"promoted": False, "why": why, **earlier.describe()}
+        name, email = who(self.root)
+        message = f"{tag}: champion of {task.id} ({how})"
+        if earlier is not None:
+            version = earlier.version
+        else:
+            commit = self._promotion_commit(message, name, email)
+            gto.api.register(str(self.root), task.id, commit, message=message, author=name, author_email=email)
+            version = gto.api.find_latest_version(str(self.root), task.id).version
+        gto.api.assign(
+            str(self.root), task.id, STAGE, version=version, message=message, author=name, author_email=email
+        )
+        champion = self.champion(task.id)
+        log.info("registry: %s is now the champion of task %s (%s)", tag, task.id, champion.version)
+        return {"promoted": True, "why": message, **champion.describe()}
+
+    def _promotion_commit(self, message: str, name: str, email: str) -> str:
+        """A commit of the project as it is now (what git would commit with `git add -A`), parented on HEAD,
+        on no branch: the GTO tags made on it keep it."""
+        self._require_git()
+        identity = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email}
+        identity |= {"GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+        with tempfile.TemporaryDirectory() as tmp:
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=self.root, capture_output=True)
+            parent = ["-p", head.stdout.decode().strip()] if head.returncode == 0 else []
+            if parent:
+                self._git("read-tree", "HEAD", env=index)
+            self._git("add", "-A", ".", env=index)
+            tree = self._git("write-tree", env=index).strip()
+        return self._git("commit-tree", tree, *parent, "-m", message, env=identity).strip()
+
+    def bring_back(self, model: str) -> dict:
+        """`tgm champion promote TAG` for a model that was a champion before: assign its version again."""
+        for task_id in self.tasks():
+            earlier = self.versions(task_id).get(model)
+            if earlier is not None:
+                import gto.api
+
+                name, email = who(self.root)
+                gto.api.assign(
+                    str(self.root), task_id, STAGE, version=earlier.version,
+                    message=f"{model}: champion of {task_id} again (by hand)", author=name, author_email=email,
+                )  # fmt: skip
+                return self.champion(task_id).describe()
+        raise RegistryError(f"{model} is neither the model packaged here nor an earlier champion of any task")
+
+    def rollback(self, task_id: str | None = None) -> Champion:
+        """Unassign `task_id`'s champion (default: the task changed last), so the one before it serves again."""
+        import gto.api
+
+        task_id = task_id or self.latest()
+        assigned = self.assigned(task_id) if task_id else []
+        if not assigned:
+            raise RegistryError(f"no task {task_id!r} has a champion here (tasks: {', '.join(self.tasks()) or 'none'})")
+        if len(assigned) < 2:
             raise RegistryError(f"task {task_id} has no earlier champion to roll back to")
-        dropped, entry["champion"] = entry["champion"], entry["earlier"].pop()
-        event = {"event": "rollback", "model": entry["champion"]["model"], "replaced": dropped["model"]}
-        entry["log"].append({**event, "promoted_by": who(), "promoted_at": _now()})
-        self.data["latest"] = task_id
-        self.save()
-        log.info("registry: rolled task %s back from %s to %s", task_id, dropped["model"], entry["champion"]["model"])
-        return entry["champion"]
+        name, email = who(self.root)
+        dropped = assigned[0]
+        gto.api.unassign(
+            str(self.root), task_id, stage=STAGE, version=dropped.version,
+            message=f"{dropped.model}: rolled back", author=name, author_email=email,
+        )  # fmt: skip
+        log.info("registry: rolled task %s back from %s to %s", task_id, dropped.model, assigned[1].model)
+        return assigned[1]
 
-    def ensure_in_store(self, champion: dict) -> str:
-        """The champion's model tag, imported into the local BentoML store from its export if it is not there."""
-        return ensure_model(champion["model"], self.root / champion["file"])
+    def ensure_in_store(self, champion: Champion) -> str:
+        """The champion's model tag, imported into the local BentoML store from its promotion commit's export
+        (through dvc.api: the local DVC cache, else the remote) when the store lacks it."""
+        from tgm.store import in_store
+
+        if in_store(champion.model):
+            return champion.model
+        import dvc.api
+        from dvc.exceptions import DvcException
+
+        path = (PACKAGED / MODEL_FILE).as_posix()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / MODEL_FILE
+            try:
+                with dvc.api.open(path, repo=str(self.root), rev=champion.commit, mode="rb") as src:
+                    with open(local, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            except (DvcException, OSError) as exc:  # not in the cache, no remote, or not on the remote
+                raise RegistryError(
+                    f"champion {champion.model} ({champion.task} {champion.version}) is not in the BentoML store "
+                    f"and its export is in neither the DVC cache nor the remote ({type(exc).__name__}: {exc}); "
+                    "`dvc pull` on a clone of the commit that made it, or `dvc fetch --all-tags`, fetches it"
+                ) from None
+            return ensure_model(champion.model, local)
 
 
-def served_model(root: str | Path = REGISTRY, task_id: str | None = None) -> str | None:
+def _counter(ref: str) -> int:
+    """The N of GTO's `name#stage#N` (order of events within a second); 0 for a version tag."""
+    found = re.search(r"#(\d+)$", ref)
+    return int(found.group(1)) if found else 0
+
+
+def served_model(root: str | Path = ".", task_id: str | None = None) -> str | None:
     """The tag `bentoml serve` in a project should serve: the champion of TGM_TASK, else of the task promoted
     last; before any promotion, the model `package` wrote in this project; None when there is neither. Either
     is imported into the local BentoML store first if it is not there."""
-    registry = Registry(root)
-    task_id = task_id or registry.data.get("latest")
-    champion = registry.champion(task_id) if task_id else None
+    champions = Champions(root)
+    try:
+        task_id = task_id or champions.latest()
+    except RegistryError:  # not a git repository: no champions, only what was packaged here
+        task_id = None
+    champion = champions.champion(task_id) if task_id else None
     if champion:
-        return registry.ensure_in_store(champion)
-    if task_id is None and (packaged := packaged_model()) is not None:
+        return champions.ensure_in_store(champion)
+    if task_id is None and (packaged := packaged_model(root)) is not None:
         return ensure_model(*packaged)
     return None
 
 
-def promote(
-    *,
-    packaged_dir: str | Path,
-    package_report: str | Path,
-    gate_report: str | Path,
-    metrics_path: str | Path,
-    root: str | Path,
-) -> dict:
-    """The `promote` stage: the model `package` just saved, which passed the gate, becomes its task's champion."""
+def promote(*, package_report: str | Path, gate_report: str | Path, report_path: str | Path) -> dict:
+    """The `promote` stage: the model `package` just saved, which passed the gate, becomes its task's champion
+    (unless it is already, or was before); reports/promotion.json says which."""
     gate = read_json(gate_report)
     if not gate.get("passed"):
         raise RegistryError(f"promote: {gate_report} says the gate failed; refusing to promote")
+    read_json(package_report)  # the packaged model's report must be there and whole
     # The task the gate judged the model for (and compared it within): the same task it is promoted in.
-    task = Task.from_dict(gate["task"])
-    tag = ensure_model(read_json(package_report)["model_tag"], Path(packaged_dir) / MODEL_FILE)
-    return Registry(root).promote(tag, task, read_json(metrics_path), "pipeline")
+    result = Champions().promote(Task.from_dict(gate["task"]), "pipeline")
+    if not result["promoted"]:
+        log.info("promote: %s", result["why"])
+    write_json(report_path, result)
+    return result
 
 
-def show(registry: Registry) -> str:
-    if not registry.tasks():
-        return f"no champion yet ({registry.index_path} is empty or missing; `dvc pull` fetches a shared one)"
+def show(champions: Champions) -> str:
+    tasks = champions.tasks()
+    if not tasks:
+        return "no champion yet (champions are git tags: `git fetch --tags` brings those pushed elsewhere)"
     rows = []
-    for task_id, entry in registry.tasks().items():
-        c = entry["champion"] or {}
-        mark = " (latest)" if task_id == registry.data.get("latest") else ""
+    for task_id in tasks:
+        assigned = champions.assigned(task_id)
+        mark = " (latest)" if task_id == tasks[0] else ""
+        if not assigned:
+            rows.append(f"{task_id}{mark}: none (every champion was rolled back)")
+            continue
+        c = assigned[0]
         rows.append(
-            f"{task_id}{mark}: {c.get('model', 'none')}  accuracy {c.get('metrics', {}).get('accuracy')}  "
-            f"promoted {c.get('promoted_at')} by {c.get('promoted_by')} ({c.get('how')}); "
-            f"{len(entry['earlier'])} earlier; classes {', '.join(entry['classes'])}; source {entry['source']}"
+            f"{task_id}{mark}: {c.model} ({c.version})  accuracy {c.metrics.get('accuracy')}  "
+            f"promoted {c.promoted_at} by {c.promoted_by} ({c.how}); {len(assigned) - 1} earlier"
         )
     return "\n".join(rows)
 
 
-def _record_in_dvc_lock() -> str:
-    """`dvc commit promote`, so that dvc.lock (and so git and the DVC remote) carry the changed registry."""
-    proc = subprocess.run(["dvc", "commit", "--force", "promote"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return (
-            f"registry changed, but `dvc commit promote` failed ({proc.stderr.strip() or proc.stdout.strip()}); "
-            "run it once the pipeline has run, then commit dvc.lock"
-        )
-    return "recorded in dvc.lock; share it with: git commit dvc.lock -m '...' && dvc push && git push"
+SHARE = "share it with `git push --tags` (or `git push origin <tag>`)"
 
 
-def champion_command(action: str, model: str | None, task_id: str | None, root: str | Path = REGISTRY) -> str:
+def champion_command(action: str, model: str | None, task_id: str | None, root: str | Path = ".") -> str:
     """`tgm champion show|promote|rollback`: what to print."""
-    registry = Registry(root)
+    champions = Champions(root)
     if action == "show":
-        return show(registry)
+        return show(champions)
     if action == "rollback":
-        champion = registry.rollback(task_id)
-        return f"{champion['model']} is the champion again; " + _record_in_dvc_lock()
+        champion = champions.rollback(task_id)
+        return f"{champion.model} is the champion of {champion.task} again; {SHARE}"
     if not model:
         raise RegistryError("tgm champion promote needs a model tag, e.g. tgm-classifier:abc123")
-    import bentoml
-
-    info = bentoml.models.get(find_model(model)).info
-    if info.labels.get("gate") != "passed" or "task" not in info.metadata:
-        raise RegistryError(f"{model} was not packaged after passing the gate (`tgm package`); refusing to promote")
-    task = Task.from_dict(info.metadata["task"])
-    champion = registry.promote(model, task, info.metadata["metrics"], "by hand")
-    return f"{champion['model']} is the champion of {task.id}; " + _record_in_dvc_lock()
+    packaged = packaged_model(root)
+    if packaged is not None and packaged[0] == model:
+        gate = read_json(Path(root) / "reports/gate.json")
+        if not gate.get("passed"):
+            raise RegistryError(f"{model} did not pass the gate (reports/gate.json); refusing to promote")
+        result = champions.promote(Task.from_dict(gate["task"]), "by hand")
+    else:
+        result = champions.bring_back(model)
+    return f"{result['model']} is the champion of {result['task']}; {SHARE}"

@@ -7,9 +7,9 @@ at a time, in a worker thread, so the event loop keeps taking requests meanwhile
 machine: TGM_WORKERS processes (default 1), each a full copy of the model with TGM_TORCH_THREADS threads.
 
 Which model: a built Bento serves the version it was built with (a Bento argument set by `tgm package`);
-`bentoml serve` in the project root serves TGM_MODEL, else the champion in registry/ (of TGM_TASK, else of the
+`bentoml serve` in the project root serves TGM_MODEL, else the champion (GTO's tags: of TGM_TASK, else of the
 task promoted last; imported into the BentoML store from its DVC-tracked export if missing, so a fresh clone
-serves it after `dvc pull` alone), else the newest `tgm-classifier`. GET /model_card is the model's card.
+serves it with no retraining), else the newest `tgm-classifier`. GET /model_card is the model's card.
 
 Limits (environment, read at start): TGM_MAX_REQUEST_BYTES (default 10 MiB), TGM_MAX_HEADER_BYTES (all
 request headers together, default 64 KiB), TGM_MAX_PIXELS (decompression
@@ -62,14 +62,16 @@ def _model_to_serve() -> str:
     chosen = getattr(bentoml.use_arguments(), "model", None) or os.environ.get("TGM_MODEL")
     if chosen:
         return chosen
-    from tgm.registry import REGISTRY, Registry, served_model
+    from tgm.registry import Champions, RegistryError, served_model
 
-    registry = Path(os.environ.get("TGM_REGISTRY", REGISTRY))
     task = os.environ.get("TGM_TASK") or None
-    if task is not None and Registry(registry).champion(task) is None:
-        known = ", ".join(Registry(registry).tasks()) or "none"
-        raise SystemExit(f"TGM_TASK={task!r} has no champion in {registry} (tasks: {known})")
-    return served_model(registry, task) or "tgm-classifier:latest"
+    try:
+        if task is not None and Champions().champion(task) is None:
+            known = ", ".join(Champions().tasks()) or "none"
+            raise SystemExit(f"TGM_TASK={task!r} has no champion here (tasks: {known}; `git fetch --tags` gets more)")
+        return served_model(".", task) or "tgm-classifier:latest"
+    except RegistryError as exc:
+        raise SystemExit(f"TGM_TASK={task!r}: {exc}" if task else str(exc)) from None
 
 
 MODEL = _model_to_serve()

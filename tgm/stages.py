@@ -23,6 +23,7 @@ class Stage:
     untracked: dict[str, str] = field(default_factory=dict)  # keyword -> a path DVC must not track (see its note)
     sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # keys of a group it takes but sets itself
     dvc: bool = True  # a stage of dvc.yaml (drift runs on new data, outside the graph)
+    always: bool = False  # DVC's always_changed: it also reads what DVC cannot see (git tags)
 
 
 PREPARED, PRETRAINED, CLASSIFIER = "data/prepared", "models/pretrained", "models/classifier"
@@ -111,8 +112,9 @@ STAGES: dict[str, Stage] = {
         ("gate", "ingest.source"),
         reads={"metrics_path": "metrics/evaluate.json", "classifier_dir": CLASSIFIER},
         writes={"report_path": "reports/gate.json"},
-        # The task's champion, the output of `promote` further down (a dependency on it would be a cycle).
-        untracked={"registry": "registry"},
+        # The task's champion is a git tag (GTO), which `git fetch --tags` or a promotion changes without any
+        # file DVC tracks changing: the gate runs every time, and what follows reruns when its verdict changes.
+        always=True,
     ),
     "package": Stage(
         "tgm.package:package",
@@ -140,13 +142,10 @@ STAGES: dict[str, Stage] = {
     ),
     "promote": Stage(
         "tgm.registry:promote",
-        reads={
-            "packaged_dir": "models/packaged",
-            "package_report": "reports/package.json",
-            "gate_report": "reports/gate.json",
-            "metrics_path": "metrics/evaluate.json",
-        },
-        writes={"root": "registry"},
+        reads={"package_report": "reports/package.json", "gate_report": "reports/gate.json"},
+        writes={"report_path": "reports/promotion.json"},
+        # What the promotion commit holds, and GTO's tags point at.
+        watches=("models/packaged", "metrics/evaluate.json"),
     ),
     "drift": Stage(
         "tgm.drift:drift",
