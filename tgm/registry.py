@@ -132,21 +132,30 @@ class Champions:
     def __init__(self, root: str | Path = "."):
         self.root = Path(root)
 
+    def _run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **(env or {})}
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, env=env)
+
     def _git(self, *args: str, env: dict | None = None) -> str:
-        proc = subprocess.run(
-            ["git", *args], cwd=self.root, capture_output=True, text=True, env={**os.environ, **(env or {})}
-        )
+        proc = self._run(*args, env=env)
         if proc.returncode != 0:
             raise RegistryError(f"git {args[0]} in {self.root} failed: {proc.stderr.strip()}")
         return proc.stdout
 
     def _require_git(self) -> None:
-        if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=self.root, capture_output=True).returncode:
+        if self._run("rev-parse", "--git-dir").returncode:
             raise RegistryError(f"{self.root.resolve()} is not a git repository: champions are git tags (GTO)")
 
     def _file_at(self, commit: str, path: str) -> str | None:
-        proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=self.root, capture_output=True, text=True)
+        proc = self._run("show", f"{commit}:{path}")
         return proc.stdout if proc.returncode == 0 else None
+
+    def _stage_tag(self, gto_call, task_id: str, version: str, message: str) -> None:
+        """gto.api.assign or unassign of `version` in the champion stage, by the person promoting."""
+        name, email = who(self.root)
+        gto_call(
+            str(self.root), task_id, stage=STAGE, version=version, message=message, author=name, author_email=email
+        )
 
     def _events(self) -> list[dict]:
         """Every champion assignment and unassignment of every task, oldest first."""
@@ -227,17 +236,15 @@ class Champions:
                 f"(`tgm champion promote {tag}` does)"
             )
             return {"promoted": False, "why": why, **earlier.describe()}
-        name, email = who(self.root)
         message = f"{tag}: champion of {task.id} ({how})"
         if earlier is not None:
             version = earlier.version
         else:
+            name, email = who(self.root)
             commit = self._promotion_commit(message, name, email)
             gto.api.register(str(self.root), task.id, commit, message=message, author=name, author_email=email)
             version = gto.api.find_latest_version(str(self.root), task.id).version
-        gto.api.assign(
-            str(self.root), task.id, STAGE, version=version, message=message, author=name, author_email=email
-        )
+        self._stage_tag(gto.api.assign, task.id, version, message)
         champion = self.champion(task.id)
         log.info("registry: %s is now the champion of task %s (%s)", tag, task.id, champion.version)
         return {"promoted": True, "why": message, **champion.describe()}
@@ -245,13 +252,12 @@ class Champions:
     def _promotion_commit(self, message: str, name: str, email: str) -> str:
         """A commit of the project as it is now (what git would commit with `git add -A`), parented on HEAD,
         on no branch: the GTO tags made on it keep it."""
-        self._require_git()
         identity = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email}
         identity |= {"GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
         with tempfile.TemporaryDirectory() as tmp:
             index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=self.root, capture_output=True)
-            parent = ["-p", head.stdout.decode().strip()] if head.returncode == 0 else []
+            head = self._run("rev-parse", "--verify", "-q", "HEAD")
+            parent = ["-p", head.stdout.strip()] if head.returncode == 0 else []
             if parent:
                 self._git("read-tree", "HEAD", env=index)
             self._git("add", "-A", ".", env=index)
@@ -265,11 +271,9 @@ class Champions:
             if earlier is not None:
                 import gto.api
 
-                name, email = who(self.root)
-                gto.api.assign(
-                    str(self.root), task_id, STAGE, version=earlier.version,
-                    message=f"{model}: champion of {task_id} again (by hand)", author=name, author_email=email,
-                )  # fmt: skip
+                self._stage_tag(
+                    gto.api.assign, task_id, earlier.version, f"{model}: champion of {task_id} again (by hand)"
+                )
                 return self.champion(task_id).describe()
         raise RegistryError(f"{model} is neither the model packaged here nor an earlier champion of any task")
 
@@ -283,12 +287,8 @@ class Champions:
             raise RegistryError(f"no task {task_id!r} has a champion here (tasks: {', '.join(self.tasks()) or 'none'})")
         if len(assigned) < 2:
             raise RegistryError(f"task {task_id} has no earlier champion to roll back to")
-        name, email = who(self.root)
         dropped = assigned[0]
-        gto.api.unassign(
-            str(self.root), task_id, stage=STAGE, version=dropped.version,
-            message=f"{dropped.model}: rolled back", author=name, author_email=email,
-        )  # fmt: skip
+        self._stage_tag(gto.api.unassign, task_id, dropped.version, f"{dropped.model}: rolled back")
         log.info("registry: rolled task %s back from %s to %s", task_id, dropped.model, assigned[1].model)
         return assigned[1]
 

@@ -66,12 +66,13 @@ def _model_to_serve() -> str:
 
     task = os.environ.get("TGM_TASK") or None
     try:
-        if task is not None and Champions().champion(task) is None:
+        served = served_model(".", task)
+        if task is not None and served is None:
             known = ", ".join(Champions().tasks()) or "none"
             raise SystemExit(f"TGM_TASK={task!r} has no champion here (tasks: {known}; `git fetch --tags` gets more)")
-        return served_model(".", task) or "tgm-classifier:latest"
     except RegistryError as exc:
         raise SystemExit(f"TGM_TASK={task!r}: {exc}" if task else str(exc)) from None
+    return served or "tgm-classifier:latest"
 
 
 MODEL = _model_to_serve()

@@ -72,13 +72,3 @@ def packaged_model(root: str | Path = ".") -> tuple[str, Path] | None:
     if not report.exists() or not exported.exists():
         return None
     return json.loads(report.read_text())["model_tag"], exported
-
-
-def find_model(tag: str, root: str | Path = ".") -> str:
-    """`tag` in the local store: there already, or imported from this project's packaged export."""
-    if in_store(tag):
-        return tag
-    packaged = packaged_model(root)
-    if packaged is not None and packaged[0] == tag:
-        return ensure_model(tag, packaged[1])
-    raise ModelNotFound(f"model {tag} is not in the BentoML store ({bentoml_home()}) nor in {PACKAGED / MODEL_FILE}")
