@@ -80,7 +80,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # The flag alone: torch.use_deterministic_algorithms also sets inductor's, and importing inductor to do so
+    # costs every stage seconds; compile_blocks sets inductor's flag where a run compiles.
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,9 @@ model, never the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,15 @@ class Classify(Generative):
 Objective = Generative | Classify
 
 
+def _eager():
+    """Compiled blocks (compile: true) run eager here: compilation is for training, and validation's shapes
+    (no grad, a larger batch, the split's own last batch) would each compile again. Nothing is compiled in a
+    process that never imported dynamo, and importing it only to say so costs each stage seconds."""
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
 @torch.no_grad()
 def evaluate_split(
     model: torch.nn.Module,
@@ -81,9 +92,7 @@ def evaluate_split(
 ) -> dict:
     """`objective`'s summary of a split (its tokens and labels may be tensors already on the device)."""
     model.eval()
-    # Compiled blocks (compile: true) run eager here: compilation is for training, and validation's shapes
-    # (no grad, a larger batch, the split's own last batch) would each compile again.
-    with torch.compiler.set_stance("force_eager"):
+    with _eager():
         sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=device)  # read once, at the end
         n = len(split)
         for i in range(0, n, batch_size):
