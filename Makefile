@@ -33,8 +33,11 @@ run-gpu: setup
 run-fashion: setup
 	args=$$($(BIN)/python -m tgm.profiles profiles/fashion.yaml) && $(BIN)/dvc exp run -n fashion $$args
 
+# The suite in TEST_WORKERS processes, each test file whole in one of them (its servers and fixtures with it);
+# tests/conftest.py gives each worker its share of torch's threads. TEST_WORKERS=1 runs it in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # ruff's settings are in pyproject.toml; `ruff format .` fixes what the second check reports.
 lint: setup

@@ -25,6 +25,11 @@ for key, value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }.items():
     os.environ.setdefault(key, value)
+# Under `pytest -n N` (make test) N workers share the cores: each worker's torch, and the stages it starts,
+# use its share of them instead of every core each (oversubscribed torch threads slow everything down).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 # Stage commands (`tgm ...`) and `dvc` must come from the interpreter running the tests.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
