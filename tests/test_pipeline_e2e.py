@@ -83,6 +83,7 @@ def test_an_edit_makes_stale_only_the_stages_whose_outputs_it_can_change(digits_
     p = digits_project
     assert stale_after(p, "tgm/cli.py", lambda s: s.replace("List every file", "List each file")) == set()
     assert stale_after(p, "pyproject.toml", lambda s: s.replace('version = "', 'version = "9')) == set()
+    assert stale_after(p, "tgm/champion.py", lambda s: s.replace("no champion yet", "no champion so far")) == set()
     # The registry: promote writes the champions, the Bento packs the service that serves them (and the gate,
     # which reads them, runs every time anyway).
     registry = stale_after(p, "tgm/registry.py", lambda s: s + "\n# a comment\n")

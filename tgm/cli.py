@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.stage == "champion":
-            from tgm.registry import champion_command
+            from tgm.champion import champion_command
 
             print(champion_command(args.action, args.model, args.task))
         else:

@@ -158,7 +158,12 @@ class Champions:
         )
 
     def _events(self) -> list[dict]:
-        """Every champion assignment and unassignment of every task, oldest first."""
+        """Every champion assignment and unassignment of every task, oldest first.
+
+        The stage is replayed from this history rather than read from `gto.api.find_versions_in_stage`: GTO
+        orders events by their tags' timestamps, which have one-second resolution, so after an unassign and a
+        re-assign in the same second it reports the wrong versions in the stage. The `#N` counter of each
+        stage tag breaks such ties."""
         import gto.api
 
         self._require_git()
@@ -354,46 +359,3 @@ def promote(*, package_report: str | Path, gate_report: str | Path, report_path:
         log.info("promote: %s", result["why"])
     write_json(report_path, result)
     return result
-
-
-def show(champions: Champions) -> str:
-    tasks = champions.tasks()
-    if not tasks:
-        return "no champion yet (champions are git tags: `git fetch --tags` brings those pushed elsewhere)"
-    rows = []
-    for task_id in tasks:
-        assigned = champions.assigned(task_id)
-        mark = " (latest)" if task_id == tasks[0] else ""
-        if not assigned:
-            rows.append(f"{task_id}{mark}: none (every champion was rolled back)")
-            continue
-        c = assigned[0]
-        rows.append(
-            f"{task_id}{mark}: {c.model} ({c.version})  accuracy {c.metrics.get('accuracy')}  "
-            f"promoted {c.promoted_at} by {c.promoted_by} ({c.how}); {len(assigned) - 1} earlier"
-        )
-    return "\n".join(rows)
-
-
-SHARE = "share it with `git push --tags` (or `git push origin <tag>`)"
-
-
-def champion_command(action: str, model: str | None, task_id: str | None, root: str | Path = ".") -> str:
-    """`tgm champion show|promote|rollback`: what to print."""
-    champions = Champions(root)
-    if action == "show":
-        return show(champions)
-    if action == "rollback":
-        champion = champions.rollback(task_id)
-        return f"{champion.model} is the champion of {champion.task} again; {SHARE}"
-    if not model:
-        raise RegistryError("tgm champion promote needs a model tag, e.g. tgm-classifier:abc123")
-    packaged = packaged_model(root)
-    if packaged is not None and packaged[0] == model:
-        gate = read_json(Path(root) / "reports/gate.json")
-        if not gate.get("passed"):
-            raise RegistryError(f"{model} did not pass the gate (reports/gate.json); refusing to promote")
-        result = champions.promote(Task.from_dict(gate["task"]), "by hand")
-    else:
-        result = champions.bring_back(model)
-    return f"{result['model']} is the champion of {result['task']}; {SHARE}"
