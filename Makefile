@@ -37,7 +37,7 @@ run-fashion: setup
 # tests/conftest.py gives each worker its share of torch's threads. TEST_WORKERS=1 runs it in this process.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # ruff's settings are in pyproject.toml; `ruff format .` fixes what the second check reports.
 lint: setup

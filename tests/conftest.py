@@ -146,14 +146,34 @@ def tree_digest(root: Path) -> dict[str, str]:
     return digests
 
 
+def build_shared_project(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny pipeline reproduced once for the whole run, in every worker's view: (project, its BentoML home).
+    Under `pytest -n N` the workers share one build (the first to take the lock makes it, the others wait),
+    since each build is a full `dvc repro` that would otherwise run once per worker."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    shared, done = root / "digits-shared", root / "digits-shared.done"
+    with FileLock(str(root / "digits-shared.lock")):
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)  # a build that failed in another worker
+            project, home = make_project(shared / "project", TINY_PARAMS), shared / "bentoml_home"
+            home.mkdir()
+            run(["dvc", "repro"], project, timeout=900, env={**os.environ, "BENTOML_HOME": str(home)})
+            commit_all(project, "first run")
+            done.touch()
+    return shared / "project", shared / "bentoml_home"
+
+
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory, bentoml_home) -> Path:
-    """The whole pipeline reproduced once on builtin:digits, committed, its model packaged in `bentoml_home`.
-    Read it, never change it: a test that runs DVC, the flow or the gate on a project takes `digits_project`.
-    When the session ends, every file must be as the first run left it."""
-    project = make_project(tmp_path_factory.mktemp("digits") / "project", TINY_PARAMS)
-    run(["dvc", "repro"], project, timeout=900)
-    commit_all(project, "first run")
+    """The whole pipeline reproduced once on builtin:digits, committed, its model packaged (and copied into
+    `bentoml_home`). Read it, never change it: a test that runs DVC, the flow or the gate on a project takes
+    `digits_project`. When the session ends, every file must be as the first run left it."""
+    project, home = build_shared_project(tmp_path_factory)
+    shutil.copytree(home, bentoml_home, symlinks=True, dirs_exist_ok=True)
     before = tree_digest(project)
     yield project
     after = tree_digest(project)
@@ -161,9 +181,50 @@ def built_project(tmp_path_factory, bentoml_home) -> Path:
     assert not changed, f"a test changed the shared read-only project (use digits_project): {changed[:10]}"
 
 
+# The test files that take longest, longest first (`make test PYTEST_ARGS=--durations=0`, summed per file).
+SLOWEST_FILES = (
+    "test_pipeline_e2e.py",
+    "test_prefect_server.py",
+    "test_train_scale.py",
+    "test_fresh_machine.py",
+    "test_pools_and_bases.py",
+    "test_champion.py",
+    "test_flow.py",
+    "test_service_errors.py",
+    "test_dvc_remote.py",
+    "test_data_stages.py",
+    "test_train.py",
+    "test_profiles.py",
+    "test_service.py",
+    "test_drift.py",
+)
+
+
+def schedule(items) -> None:
+    """Order the files for `make test`'s workers (xdist hands them out in collection order, Makefile's
+    --no-loadscope-reorder): the slowest file that needs the shared project first, so one worker starts its
+    build at once; then the files that need no project, which keep the other worker busy meanwhile; then the
+    other project files. Within each group the slowest go first, so that the run does not end on a long file."""
+
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    needs = {item.path for item in items if "built_project" in item.fixturenames}
+    first = min((item for item in items if item.path in needs), key=rank, default=None)
+
+    def group(item) -> tuple[int, int]:
+        if first is not None and item.path == first.path:
+            return 0, 0
+        return (2 if item.path in needs else 1), rank(item)
+
+    items.sort(key=group)  # stable: each file's tests stay together and in their order
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    schedule(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here); run where one is, e.g. the lent GPU machine")
