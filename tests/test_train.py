@@ -204,6 +204,17 @@ def test_a_split_held_on_the_device_trains_as_one_read_from_disk(tmp_path, monke
         assert torch.equal(a, b), k
 
 
+def test_compiled_blocks_get_seed_everythings_deterministic_setting_before_their_first_graph(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from tgm.training.optim import compile_blocks
+
+    monkeypatch.setattr(inductor_config, "deterministic", False)  # as in a process that never compiled
+    seed_everything(0)
+    compile_blocks(TGM(TGMConfig(palette_size=4, seq_len=16, n_layer=1, n_head=2, n_embd=16, n_classes=2)))
+    assert inductor_config.deterministic
+
+
 def test_compiled_blocks_train_like_eager_and_save_the_same_keys(tmp_path):
     """compile: true compiles each block in place (regional): training follows the eager run, and the weights
     keep their names (no `_orig_mod.` prefix) for save_model, the registry and the service."""

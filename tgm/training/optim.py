@@ -43,6 +43,9 @@ def compile_blocks(model: TGM) -> None:
     compiled once per input shape and reused by every layer, so compile time does not grow with depth; and
     `pretrain` and `finetune` run the same block graph, so the second stage finds it in inductor's on-disk
     cache (TORCHINDUCTOR_CACHE_DIR) instead of compiling again. Embedding, heads and losses stay eager."""
-    torch.use_deterministic_algorithms(True, warn_only=True)  # seed_everything's flag, for inductor's kernels too
+    import torch._inductor.config as inductor_config
+
+    # seed_everything sets torch's flag alone (importing inductor costs seconds): inductor's kernels follow it here.
+    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
     for block in model.blocks:
         block.compile()
