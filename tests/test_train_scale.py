@@ -169,6 +169,33 @@ def test_a_killed_stage_resumes_to_the_result_of_a_run_that_never_stopped(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_killed_dvc_repro_resumes_to_the_live_curves_of_a_run_that_never_stopped(tmp_path, digits_project):
+    """Through DVC, as users run it: `dvc repro` removes a stage's outputs before it runs, so the resumed run
+    would find only its checkpoint and draw the steps after it. The live curves are `persist: true` in
+    dvc.yaml: the second `dvc repro` ends with the dvclive files of a run that was never killed."""
+    # The first checkpoint (step 100) comes after epoch 1 (about 80 steps): the killed run has drawn points.
+    settings = {"epochs": 3, "batch_size": 16, "checkpoint_every": 100, "precision": "fp32"}
+    steady, crashy = digits_project, tmp_path / "crashy"
+    shutil.copytree(steady, crashy, symlinks=True, ignore=lambda d, _: {"tmp"} if d.endswith(".dvc") else set())
+    for project in (steady, crashy):
+        params = merge(yaml.safe_load((project / "params.yaml").read_text()), {"finetune": settings})
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repro = [str(BIN / "dvc"), "repro", "--single-item", "finetune"]
+    subprocess.run(repro, cwd=steady, env=env(), check=True, capture_output=True, timeout=600)
+    killed_after_a_checkpoint(crashy, repro, "finetune")
+    assert len((crashy / "dvclive/finetune/plots/metrics/epoch.tsv").read_text().splitlines()) > 1
+    again = subprocess.run(repro, cwd=crashy, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout + again.stderr
+
+    def live_curves(project: Path) -> dict[str, str]:
+        return {p.relative_to(project).as_posix(): p.read_text() for p in (project / "dvclive").rglob("*.*")}
+
+    assert live_curves(steady) and live_curves(crashy) == live_curves(steady)
+    assert outputs_of(crashy, "finetune")[0] == outputs_of(steady, "finetune")[0]
+
+
+@pytest.mark.slow
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, digits_project):
     """A run killed with one learning rate, then started with another: the checkpoint's fingerprint differs,
     so the second starts afresh and ends exactly as a clean run with the new rate."""
