@@ -151,10 +151,11 @@ TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, launcher", [("finetune", [str(BIN / "tgm")]), ("pretrain", TORCHRUN)])
+@pytest.mark.parametrize("stage, launcher", [("pretrain", TORCHRUN)])
 def test_a_killed_stage_resumes_to_the_result_of_a_run_that_never_stopped(tmp_path, digits_project, stage, launcher):
-    """finetune as one process, and pretrain under torchrun with 2 processes (DDP): killed with -9 after a
-    checkpoint, the same command again ends with the metrics and weights of an uninterrupted run."""
+    """pretrain under torchrun with 2 processes (DDP): killed with -9 after a checkpoint, the same command again
+    ends with the metrics and weights of an uninterrupted run. (finetune, one process, through `dvc repro`:
+    the test below.)"""
     settings = {"epochs": 4, "batch_size": 16, "checkpoint_every": 5, "precision": "fp32"}
     steady = stage_dir(tmp_path / "steady", digits_project, settings, stage)
     crashy = stage_dir(tmp_path / "crashy", digits_project, settings, stage)
@@ -170,9 +171,10 @@ def test_a_killed_stage_resumes_to_the_result_of_a_run_that_never_stopped(tmp_pa
 
 @pytest.mark.slow
 def test_a_killed_dvc_repro_resumes_to_the_live_curves_of_a_run_that_never_stopped(tmp_path, digits_project):
-    """Through DVC, as users run it: `dvc repro` removes a stage's outputs before it runs, so the resumed run
-    would find only its checkpoint and draw the steps after it. The live curves are `persist: true` in
-    dvc.yaml: the second `dvc repro` ends with the dvclive files of a run that was never killed."""
+    """finetune through DVC, as users run it, killed with -9 after a checkpoint: the second `dvc repro` ends
+    with the metrics, weights and live curves of a run that was never killed. `dvc repro` removes a stage's
+    outputs before it runs, so the live curves are `persist: true` in dvc.yaml; without that the resumed run
+    drew only the steps after its checkpoint."""
     # The first checkpoint (step 100) comes after epoch 1 (about 80 steps): the killed run has drawn points.
     settings = {"epochs": 3, "batch_size": 16, "checkpoint_every": 100, "precision": "fp32"}
     steady, crashy = digits_project, tmp_path / "crashy"
@@ -192,7 +194,9 @@ def test_a_killed_dvc_repro_resumes_to_the_live_curves_of_a_run_that_never_stopp
         return {p.relative_to(project).as_posix(): p.read_text() for p in (project / "dvclive").rglob("*.*")}
 
     assert live_curves(steady) and live_curves(crashy) == live_curves(steady)
-    assert outputs_of(crashy, "finetune")[0] == outputs_of(steady, "finetune")[0]
+    (m1, w1), (m2, w2) = outputs_of(steady, "finetune"), outputs_of(crashy, "finetune")
+    assert m1 == m2
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 @pytest.mark.slow
