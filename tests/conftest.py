@@ -233,13 +233,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def copy_project(src: Path, dest: Path) -> None:
+    """A copy of a project as git and DVC hold it. Not .dvc/tmp (DVC's locks and file-hash cache of the
+    original; the copy builds its own) nor Python's caches (`bentoml serve` in the shared project, from another
+    worker, writes tgm/__pycache__ there: untracked files in the copy's `git status`)."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return ({"tmp"} if folder.endswith(".dvc") else set()) | ({"__pycache__"} & set(names))
+
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+
+
 @pytest.fixture
 def digits_project(built_project, bentoml_home, tmp_path, monkeypatch) -> Path:
     """A private copy of the built project (git history, DVC cache and all) and of its BentoML store, so that
     each test starts from the same state whatever ran before it, in any order."""
     project = tmp_path / "project"
-    # .dvc/tmp holds DVC's locks and file-hash cache of the original; the copy builds its own.
-    shutil.copytree(built_project, project, symlinks=True, ignore=lambda d, _: {"tmp"} if d.endswith(".dvc") else set())
+    copy_project(built_project, project)
     home = tmp_path / "bentoml_home"
     shutil.copytree(bentoml_home, home, symlinks=True)
     monkeypatch.setenv("BENTOML_HOME", str(home))

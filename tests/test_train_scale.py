@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BIN, merge, params_of
+from conftest import BIN, copy_project, merge, params_of
 from safetensors.torch import load_file
 from test_train import toy_data
 
@@ -178,7 +178,7 @@ def test_a_killed_dvc_repro_resumes_to_the_live_curves_of_a_run_that_never_stopp
     # The first checkpoint (step 100) comes after epoch 1 (about 80 steps): the killed run has drawn points.
     settings = {"epochs": 3, "batch_size": 16, "checkpoint_every": 100, "precision": "fp32"}
     steady, crashy = digits_project, tmp_path / "crashy"
-    shutil.copytree(steady, crashy, symlinks=True, ignore=lambda d, _: {"tmp"} if d.endswith(".dvc") else set())
+    copy_project(steady, crashy)
     for project in (steady, crashy):
         params = merge(yaml.safe_load((project / "params.yaml").read_text()), {"finetune": settings})
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
