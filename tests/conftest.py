@@ -65,6 +65,7 @@ TINY_PARAMS = {
     "gate": {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_regression": None},
 }
 PROJECT_FILES = [
+    ".gitignore",  # as in a clone: Python's caches, written when stages and servers import tgm/, stay untracked
     "dvc.yaml",
     "params.yaml",
     "bentofile.yaml",
