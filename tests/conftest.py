@@ -235,14 +235,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def copy_project(src: Path, dest: Path) -> None:
-    """A copy of a project as git and DVC hold it. Not .dvc/tmp (DVC's locks and file-hash cache of the
-    original; the copy builds its own) nor Python's caches (`bentoml serve` in the shared project, from another
-    worker, writes tgm/__pycache__ there: untracked files in the copy's `git status`)."""
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        return ({"tmp"} if folder.endswith(".dvc") else set()) | ({"__pycache__"} & set(names))
-
-    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    """A copy of a project, git history and DVC cache and all, but .dvc/tmp: DVC's locks and file-hash cache of
+    the original; the copy builds its own."""
+    shutil.copytree(src, dest, symlinks=True, ignore=lambda d, _: {"tmp"} if d.endswith(".dvc") else set())
 
 
 @pytest.fixture
