@@ -2,11 +2,12 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_PARAMS, params_of
+from conftest import ROOT, TINY_PARAMS, params_of
 
 from tgm.study import ARMS, NEURAL, label_subset, select_and_refit, selection_split, study
 
@@ -200,3 +201,38 @@ def test_the_study_trains_its_own_budget_whatever_finetune_max_steps_says():
         model, x, y, params, epochs=3, unlabelled=None, selection=(x[:8], y[:8]), device=torch.device("cpu")
     )
     assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def test_the_self_training_benchmark_labels_the_most_confident_per_class_and_picks_its_rounds_on_selection():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from self_training import Flat, arm, most_confident, rounds
+    from sklearn.datasets import load_digits
+
+    from tgm.study import pixel_model
+
+    scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3], [0.45, 0.55]])
+    picks, labels = most_confident(scores, 2)
+    assert picks.tolist() == [0, 3, 2, 4] and labels.tolist() == [0, 0, 1, 1]  # row 1 is class 0's third
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), 4, replace=False) for c in range(10)]))
+    fit, select = selection_split(y[idx], 0.5, 0)
+    rest = np.setdiff1d(np.arange(len(y)), idx)
+    pool, test = x[rest[500:]], (x[rest[:500]], y[rest[:500]])
+    views = {"splits": [{"fit": (x[idx[fit]], y[idx[fit]]), "select": (x[idx[select]], y[idx[select]])}],
+             "all": (x[idx], y[idx]), "test": test}  # fmt: skip
+
+    def make():
+        return Flat(pixel_model("logreg", C=1.0))
+
+    plain = arm(make, views, pool, [0])
+    assert plain["rounds"] == 0 and plain["test"] == make().fit(x[idx], y[idx]).score(*test)
+    schedule = [0, 10, 40]
+    trained = arm(make, views, pool, schedule)
+    on_selection = [
+        m.score(*views["splits"][0]["select"]) for m in rounds(make, *views["splits"][0]["fit"], pool, schedule)
+    ]
+    assert trained["rounds"] == on_selection.index(max(on_selection))  # the first best round, chosen without the test
+    refits = [m.score(*test) for m in rounds(make, x[idx], y[idx], pool, schedule)]
+    assert trained["test"] == refits[trained["rounds"]] and trained["test_round0"] == plain["test"]
