@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from tgm.params import load_params
-from tgm.study import StudyInputs, label_subset, pixel_candidates, pixel_model, select_and_refit, selection_folds
+from tgm.study import (
+    LayerProbe,
+    StudyInputs,
+    label_subset,
+    pixel_candidates,
+    pixel_model,
+    select_and_refit,
+    selection_folds,
+)
 
 
 class Flat:
@@ -85,31 +93,23 @@ def splits_of(x, labels, folds):
 
 
 def probe_setup(inputs: StudyInputs, labels, idx, folds, sp):
-    """The study's probe on this subset: the layer (each, or all concatenated) and C chosen on the selection
-    part, in the study's order (layers first to last, then all; the first best wins). Returns the chosen
-    features of the training and test images, a maker of the fitted arm and the choice."""
-
-    def flat(x, layer):
-        return x[1:].transpose(1, 0, 2).reshape(x.shape[1], -1) if layer == "all" else x[layer]
-
+    """The study's probe on this subset: its candidates (each layer or all concatenated, times probe_C) through
+    its selection rule. Returns the chosen layer's features of the training and test images, a maker of the
+    arm on them and the choice."""
     train, test = inputs.features["train"], inputs.features["test"]
-    best = None
-    for layer in [*range(1, train.shape[0]), "all"]:
-        x = flat(train, layer)
-        _, settings, score = select_and_refit(
-            [{"C": c} for c in sp.probe_C],
-            lambda **s: Flat(pixel_model("logreg", **s)),
-            splits_of(x, labels, folds),
-            (x[idx], labels[idx]),
-        )
-        if best is None or score > best[0]:
-            best = (score, layer, settings)
-    _, layer, settings = best
+    layers = [*range(1, train.shape[0]), "all"]
+    _, settings, _ = select_and_refit(
+        [{"C": c, "layer": layer} for layer in layers for c in sp.probe_C],
+        LayerProbe,
+        [{k: (train[:, i], labels[i]) for k, i in f.items()} for f in folds],
+        (train[:, idx], labels[idx]),
+    )
+    chosen = LayerProbe(**settings)
     return (
-        flat(train, layer),
-        flat(test, layer),
-        lambda: Flat(pixel_model("logreg", **settings)),
-        {"layer": layer, **settings},
+        chosen._pick(train),
+        chosen._pick(test),
+        lambda: Flat(pixel_model("logreg", C=settings["C"])),
+        settings,
     )
 
 
