@@ -65,3 +65,35 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+def load_study_inputs(project: Path):
+    """A project's params and the study's inputs (splits, and the features of every image), timed: what the
+    benchmarks that re-run parts of the label-efficiency study start from."""
+    from tgm.study import StudyInputs
+
+    params = load_params(project / "params.yaml")
+    t0 = time.perf_counter()
+    inputs = StudyInputs.load(project / "data/prepared", project / "models/pretrained", params.finetune)
+    print(f"features of {inputs.train[1].size} training and {inputs.test[1].size} test images: "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    return params, inputs
+
+
+def study_subsets(labels, study, per_class_counts, subsets: int):
+    """The study's labelled subsets and selection parts, seed for seed (tgm/study.py's run_subset):
+    (per_class, subset, seed, indices, folds) for each share and subset."""
+    from tgm.study import label_subset, selection_folds
+
+    for per_class in per_class_counts:
+        for subset in range(subsets):
+            seed = study.seed + subset
+            idx = label_subset(labels, None, seed, min_per_class=max(2, study.folds), per_class=per_class)
+            parts = selection_folds(labels[idx], study.folds, study.holdout, seed)
+            yield per_class, subset, seed, idx, [{"fit": idx[f], "select": idx[s]} for f, s in parts]
+
+
+def probe_candidates(features, study) -> list[dict]:
+    """The study's probe settings: each layer past the embedding, or all concatenated, times study.probe_C."""
+    layers = [*range(1, features.shape[0]), "all"]
+    return [{"C": c, "layer": layer} for layer in layers for c in study.probe_C]

@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tgm.params import load_params
-from tgm.study import (
-    LayerProbe,
-    StudyInputs,
-    label_subset,
-    neural_arm,
-    selection_folds,
-    sklearn_arm,
-    subset_views,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import load_study_inputs, probe_candidates, study_subsets  # noqa: E402
+from tgm.study import LayerProbe, neural_arm, sklearn_arm, subset_views  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[int, bool]:
@@ -53,57 +48,48 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    params = load_params(args.project / "params.yaml")
-    sp, recipe = params.study, params.finetune
     t0 = time.perf_counter()
-    inputs = StudyInputs.load(args.project / "data/prepared", args.project / "models/pretrained", recipe)
-    train, labels = inputs.train[0], inputs.train[1]
-    print(f"features of {labels.size} training and {inputs.test[1].size} test images: "
-          f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    params, inputs = load_study_inputs(args.project)
+    sp, recipe = params.study, params.finetune
+    train, labels = inputs.train
     features = inputs.features
-    layers = [*range(1, features["train"].shape[0]), "all"]
     results = []
-    for per_class in args.per_class:
-        for subset in range(args.subsets):
-            seed = sp.seed + subset  # the study's subsets and selection parts, seed for seed
-            idx = label_subset(labels, None, seed, min_per_class=max(2, sp.folds), per_class=per_class)
-            parts = selection_folds(labels[idx], sp.folds, sp.holdout, seed)
-            folds = [{"fit": idx[f], "select": idx[s]} for f, s in parts]
-            probe = sklearn_arm(
-                [{"C": c, "layer": layer} for layer in layers for c in sp.probe_C],
-                LayerProbe,
-                subset_views(inputs, idx, folds, features["train"], features["test"], pick=lambda x, i: x[:, i]),
+    for per_class, subset, _, idx, folds in study_subsets(labels, sp, args.per_class, args.subsets):
+        probe = sklearn_arm(
+            probe_candidates(features["train"], sp),
+            LayerProbe,
+            subset_views(inputs, idx, folds, features["train"], features["test"], pick=lambda x, i: x[:, i]),
+        )
+        row = {"per_class": per_class, "subset": subset, "probe": probe, "variants": {}}
+        print(f"{per_class} per class, subset {subset}, probe: test {probe['test']:.4f} "
+              f"(selection {probe['select']:.4f}; {probe['choice']})", flush=True)  # fmt: skip
+        unlabelled = None
+        if any(pool for _, pool in args.variants):  # as the study takes it: the training images outside L
+            unlabelled = np.delete(train, idx, axis=0)
+            if inputs.pool is not None:
+                unlabelled = np.concatenate([unlabelled, inputs.pool])
+        for steps, pool in args.variants:
+            t1 = time.perf_counter()
+            r = neural_arm(
+                inputs.pretrained_model,
+                sp.finetune_lrs,
+                subset_views(inputs, idx, folds, train, inputs.test[0]),
+                recipe,
+                steps=steps,
+                unlabelled=unlabelled if pool else None,
+                device=inputs.device,
             )
-            row = {"per_class": per_class, "subset": subset, "probe": probe, "variants": {}}
-            print(f"{per_class} per class, subset {subset}, probe: test {probe['test']:.4f} "
-                  f"(selection {probe['select']:.4f}; {probe['choice']})", flush=True)  # fmt: skip
-            unlabelled = None
-            if any(pool for _, pool in args.variants):  # as the study takes it: the training images outside L
-                unlabelled = np.delete(train, idx, axis=0)
-                if inputs.pool is not None:
-                    unlabelled = np.concatenate([unlabelled, inputs.pool])
-            for steps, pool in args.variants:
-                t1 = time.perf_counter()
-                r = neural_arm(
-                    inputs.pretrained_model,
-                    sp.finetune_lrs,
-                    subset_views(inputs, idx, folds, train, inputs.test[0]),
-                    recipe,
-                    steps=steps,
-                    unlabelled=unlabelled if pool else None,
-                    device=inputs.device,
-                )
-                r["tgm"] = r["test"] if r["select"] > probe["select"] else probe["test"]
-                r["seconds"] = round(time.perf_counter() - t1, 1)
-                name = f"{steps}{'+pool' if pool else ''}"
-                row["variants"][name] = r
-                print(f"{per_class} per class, subset {subset}, fine-tune {name}: test {r['test']:.4f} "
-                      f"(train {r['train']:.3f}, selection {r['select']:.4f}; {r['choice']}; tgm {r['tgm']:.4f}; "
-                      f"{r['seconds']:.0f}s)", flush=True)  # fmt: skip
-            results.append(row)
-            if args.out:  # after every subset: a long run stopped part-way keeps what it measured
-                args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                "runs": results}, indent=1))  # fmt: skip
+            r["tgm"] = r["test"] if r["select"] > probe["select"] else probe["test"]
+            r["seconds"] = round(time.perf_counter() - t1, 1)
+            name = f"{steps}{'+pool' if pool else ''}"
+            row["variants"][name] = r
+            print(f"{per_class} per class, subset {subset}, fine-tune {name}: test {r['test']:.4f} "
+                  f"(train {r['train']:.3f}, selection {r['select']:.4f}; {r['choice']}; tgm {r['tgm']:.4f}; "
+                  f"{r['seconds']:.0f}s)", flush=True)  # fmt: skip
+        results.append(row)
+        if args.out:  # after every subset: a long run stopped part-way keeps what it measured
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                            "runs": results}, indent=1))  # fmt: skip
 
     names = [f"{s}{'+pool' if p else ''}" for s, p in args.variants]
     print("\nmean +/- std over subsets, test accuracy; train: accuracy on the whole subset after the refit")

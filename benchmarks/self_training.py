@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tgm.params import load_params
-from tgm.study import (
-    LayerProbe,
-    StudyInputs,
-    label_subset,
-    pixel_candidates,
-    pixel_model,
-    select_and_refit,
-    selection_folds,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import load_study_inputs, probe_candidates, study_subsets  # noqa: E402
+from tgm.study import LayerProbe, StudyInputs, pixel_candidates, pixel_model, select_and_refit  # noqa: E402
 
 
 class Flat:
@@ -97,9 +92,8 @@ def probe_setup(inputs: StudyInputs, labels, idx, folds, sp):
     its selection rule. Returns the chosen layer's features of the training and test images, a maker of the
     arm on them and the choice."""
     train, test = inputs.features["train"], inputs.features["test"]
-    layers = [*range(1, train.shape[0]), "all"]
     _, settings, _ = select_and_refit(
-        [{"C": c, "layer": layer} for layer in layers for c in sp.probe_C],
+        probe_candidates(train, sp),
         LayerProbe,
         [{k: (train[:, i], labels[i]) for k, i in f.items()} for f in folds],
         (train[:, idx], labels[idx]),
@@ -136,38 +130,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    params = load_params(args.project / "params.yaml")
-    sp = params.study
     t0 = time.perf_counter()
-    inputs = StudyInputs.load(args.project / "data/prepared", args.project / "models/pretrained", params.finetune)
+    params, inputs = load_study_inputs(args.project)
+    sp = params.study
     labels = inputs.train[1]
-    print(f"features of {labels.size} training and {inputs.test[1].size} test images: "
-          f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     results = []
-    for per_class in args.per_class:
-        for subset in range(args.subsets):
-            seed = sp.seed + subset  # the study's subsets and selection parts, seed for seed
-            idx = label_subset(labels, None, seed, min_per_class=max(2, sp.folds), per_class=per_class)
-            parts = selection_folds(labels[idx], sp.folds, sp.holdout, seed)
-            folds = [{"fit": idx[f], "select": idx[s]} for f, s in parts]
-            rest = np.setdiff1d(np.arange(labels.size), idx)  # L's images are never pseudo-labelled
-            size = min(args.pool, rest.size)
-            pool = np.sort(np.random.default_rng(seed).choice(rest, size=size, replace=False))
-            row = {"per_class": per_class, "subset": subset}
-            for name, setup in (("probe", probe_setup), ("svm_rbf", svm_setup)):
-                t1 = time.perf_counter()
-                x, test_x, make, choice = setup(inputs, labels, idx, folds, sp)
-                views = {
-                    "splits": splits_of(x, labels, folds),
-                    "all": (x[idx], labels[idx]),
-                    "test": (test_x, inputs.test[1]),
-                }
-                r = arm(make, views, x[pool], args.schedule)
-                row[name] = {**r, "choice": choice, "seconds": round(time.perf_counter() - t1, 1)}
-                print(f"{per_class} per class, subset {subset}, {name}: test {r['test_round0']:.4f} -> "
-                      f"{r['test']:.4f} after {r['rounds']} rounds (selection {r['select']:.4f}; {choice}; "
-                      f"{row[name]['seconds']:.0f}s)", flush=True)  # fmt: skip
-            results.append(row)
+    for per_class, subset, seed, idx, folds in study_subsets(labels, sp, args.per_class, args.subsets):
+        rest = np.setdiff1d(np.arange(labels.size), idx)  # L's images are never pseudo-labelled
+        size = min(args.pool, rest.size)
+        pool = np.sort(np.random.default_rng(seed).choice(rest, size=size, replace=False))
+        row = {"per_class": per_class, "subset": subset}
+        for name, setup in (("probe", probe_setup), ("svm_rbf", svm_setup)):
+            t1 = time.perf_counter()
+            x, test_x, make, choice = setup(inputs, labels, idx, folds, sp)
+            views = {
+                "splits": splits_of(x, labels, folds),
+                "all": (x[idx], labels[idx]),
+                "test": (test_x, inputs.test[1]),
+            }
+            r = arm(make, views, x[pool], args.schedule)
+            row[name] = {**r, "choice": choice, "seconds": round(time.perf_counter() - t1, 1)}
+            print(f"{per_class} per class, subset {subset}, {name}: test {r['test_round0']:.4f} -> "
+                  f"{r['test']:.4f} after {r['rounds']} rounds (selection {r['select']:.4f}; {choice}; "
+                  f"{row[name]['seconds']:.0f}s)", flush=True)  # fmt: skip
+        results.append(row)
     print("\nmean +/- std over subsets, test accuracy; self-training chose its rounds on the selection part")
     print(f"schedule {args.schedule} images per class, pseudo-labelled from {args.pool} unlabelled training images")
     print("| labels per class | probe | probe + self-training | RBF SVM | RBF SVM + self-training |")
