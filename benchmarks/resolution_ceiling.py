@@ -9,8 +9,8 @@ of L (study.folds, study.holdout), the choice refit on all of L, scored once on 
 
     python benchmarks/resolution_ceiling.py [--per-class 100 500 2000] [--subsets 1] [--all-labels] [--out FILE]
 
-`--all-labels` then fits all 60,000 training images with the settings each input chose at the largest size
-(a grid at 60,000 would cost hours on 2 cores).
+`--all-labels` then fits all 60,000 training images with the settings each input chose on the first subset of
+the largest size (a grid at 60,000 would cost hours on 2 cores).
 
 Costs grow with the square of L: at 2,000 per class (20,000 images) the 28x28 grid is the long part.
 """
@@ -31,22 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import study_subsets  # noqa: E402
 from tgm.ingest import fashion_mnist  # noqa: E402
 from tgm.params import load_params  # noqa: E402
-from tgm.preprocess import grey_palette, image_pixels, quantize_to_palette  # noqa: E402
+from tgm.preprocess import PreprocessSpec, grey_palette, image_pixels, pixel_features, quantize_to_palette  # noqa: E402
 from tgm.study import pixel_candidates, pixel_model, select_and_refit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def representations(images: np.ndarray, palette_size: int) -> dict[str, np.ndarray]:
-    """(N, features) in [0, 1] for each input: the raw 28x28, the pipeline's 14x14 resize, and that resize mapped
-    to the pipeline's grey palette (what the pixel baselines of the study and the transformer see)."""
-    small = np.stack([image_pixels(Image.fromarray(im), 14, "grey")[:, 0] for im in images])
-    palette = grey_palette(palette_size)
-    tokens = quantize_to_palette(small.reshape(-1, 1), palette).reshape(small.shape)
+def representations(images: np.ndarray, prepare) -> dict[str, np.ndarray]:
+    """(N, features) in [0, 1] for each input: the raw 28x28, the pipeline's resize (`prepare.image_size`), and
+    that resize in the pipeline's grey palette as the study's pixel baselines see it (`pixel_features`)."""
+    size = prepare.image_size
+    spec = PreprocessSpec(image_size=size, color_mode="grey", palette=grey_palette(prepare.palette_size))
+    small = np.stack([image_pixels(Image.fromarray(im), size, "grey")[:, 0] for im in images])
+    tokens = quantize_to_palette(small.reshape(-1, 1), spec.palette).reshape(small.shape)
     return {
         "28x28": images.reshape(len(images), -1) / 255.0,
-        "14x14": small / 255.0,
-        f"14x14, {palette_size} levels": palette[tokens, 0] / 255.0,
+        f"{size}x{size}": small / 255.0,
+        f"{size}x{size}, {spec.palette_size} levels": pixel_features(tokens, spec),
     }
 
 
@@ -73,8 +74,7 @@ def main(argv=None) -> None:
     data = fashion_mnist()
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
     t0 = time.perf_counter()
-    levels = params.prepare.palette_size
-    train, test = representations(train_x, levels), representations(test_x, levels)
+    train, test = representations(train_x, params.prepare), representations(test_x, params.prepare)
     print(f"representations of {len(train_y)} training and {len(test_y)} test images: {time.perf_counter() - t0:.0f}s")
 
     rows = []
